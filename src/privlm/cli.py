@@ -1,0 +1,210 @@
+"""The ``privlm`` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from privlm.errors import PrivlmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Federated language-model training with differential privacy.")
+data_app = typer.Typer(no_args_is_help=True, help="Public data sets for examples and benchmarks.")
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fail(e: Exception) -> None:
+    if _state["debug"]:
+        raise e
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Argument(help="TOML config (default: the embedded default).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default ./runs/<time>).")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+) -> None:
+    """Train a language model federatedly and write a run directory."""
+    from privlm.config import load_config
+    from privlm.runtime.simulation import Simulation
+
+    try:
+        cfg = load_config(config, set_ or [])
+        sim = Simulation(cfg)
+        st = sim.corpus.stats()
+        p = sim.cfg.privacy
+        console.print(f"data: {st['name']}: {st['num_clients']} clients, "
+                      f"{st['train_chars']:,} training / {st['test_chars']:,} held-out characters")
+        if p.mode == "user":
+            console.print(f"privacy: user-level DP-FedAvg, q={sim.algo.sampling_rate:.4g}, "
+                          f"z={p.noise_multiplier:.4g}, C={p.clip_norm}, delta={p.delta:.3g}, "
+                          f"budget epsilon={p.budget}")
+        else:
+            console.print("[yellow]privacy: none (plain FedAvg): no guarantee[/]")
+        res = sim.run(out, progress=not no_progress)
+    except PrivlmError as e:
+        _fail(e)
+        return
+    if res.stopped:
+        console.print(f"[yellow]{res.stopped}[/]")
+    console.print(f"run directory: [bold]{res.run_dir}[/]")
+    console.print(f"rounds: {res.rounds_completed}  held-out loss: {res.eval_loss:.4f}  "
+                  f"next-token accuracy: {res.eval_accuracy:.4f}")
+    if res.epsilon is not None:
+        console.print(f"[bold green]guarantee: user-level (epsilon={res.epsilon:.3f}, delta={res.delta:.3g})[/]")
+    else:
+        console.print("[yellow]guarantee: none (non-private run)[/]")
+
+
+@app.command()
+def epsilon(
+    sampling_rate: Annotated[Optional[float], typer.Option(help="Poisson sampling rate q.")] = None,
+    noise_multiplier: Annotated[Optional[float], typer.Option(help="Noise multiplier z.")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Number of rounds T.")] = None,
+    delta: Annotated[Optional[float], typer.Option(help="Target delta.")] = None,
+    accountant: Annotated[str, typer.Option(help="pld or rdp.")] = "pld",
+    ledger: Annotated[Optional[Path], typer.Option(help="Recompute from a run's privacy.json instead.")] = None,
+) -> None:
+    """Print epsilon for T rounds of DP-FedAvg at (q, z), or of a run's ledger."""
+    from privlm.privacy import accountant as acc
+
+    try:
+        if accountant not in ("pld", "rdp"):
+            raise PrivlmError(f"--accountant: {accountant!r} is not 'pld' or 'rdp'")
+        if ledger is not None:
+            eps, d = _ledger_epsilon(ledger, delta, accountant)
+            console.print(f"{eps:.6g}" if math.isfinite(eps) else "inf", highlight=False)
+            return
+        for name, v in (("--sampling-rate", sampling_rate), ("--noise-multiplier", noise_multiplier),
+                        ("--rounds", rounds), ("--delta", delta)):
+            if v is None:
+                raise PrivlmError(f"{name} is required (or give --ledger)")
+        _check_range("--sampling-rate", sampling_rate, 0, 1, inclusive_hi=True)
+        _check_range("--delta", delta, 0, 1)
+        if noise_multiplier <= 0 or rounds < 0:
+            raise PrivlmError("--noise-multiplier must be > 0 and --rounds >= 0")
+        eps = acc.epsilon(sampling_rate, noise_multiplier, rounds, delta, accountant)  # type: ignore[arg-type]
+    except PrivlmError as e:
+        _fail(e)
+        return
+    console.print(f"{eps:.6g}", highlight=False)
+
+
+def _ledger_epsilon(path: Path, delta: float | None, kind: str) -> tuple[float, float]:
+    from privlm.privacy.accountant import epsilon_for
+    from privlm.privacy.ledger import Ledger
+    from privlm.rundir import _read_json
+
+    rec = _read_json(path / "privacy.json" if path.is_dir() else path)
+    try:
+        led = Ledger.from_list(rec.get("ledger"))
+    except ValueError as e:
+        raise PrivlmError(f"{path}: bad ledger: {e}") from None
+    d = delta if delta is not None else rec.get("delta")
+    if d is None:
+        raise PrivlmError(f"{path}: no delta recorded; pass --delta")
+    return epsilon_for(led, d, kind), d  # type: ignore[arg-type]
+
+
+def _check_range(name: str, v: float, lo: float, hi: float, inclusive_hi: bool = False) -> None:
+    if not (lo < v < hi or (inclusive_hi and v == hi)):
+        raise PrivlmError(f"{name}: {v} is outside ({lo}, {hi}{']' if inclusive_hi else ')'}")
+
+
+@app.command()
+def calibrate(
+    target_epsilon: Annotated[float, typer.Option(help="Epsilon to meet.")],
+    sampling_rate: Annotated[float, typer.Option(help="Poisson sampling rate q.")],
+    rounds: Annotated[int, typer.Option(help="Number of rounds T.")],
+    delta: Annotated[float, typer.Option(help="Target delta.")],
+    accountant: Annotated[str, typer.Option(help="pld or rdp.")] = "pld",
+) -> None:
+    """Print the smallest noise multiplier whose T rounds meet the target epsilon."""
+    from privlm.privacy.accountant import calibrate_noise_multiplier
+
+    try:
+        if accountant not in ("pld", "rdp"):
+            raise PrivlmError(f"--accountant: {accountant!r} is not 'pld' or 'rdp'")
+        _check_range("--sampling-rate", sampling_rate, 0, 1, inclusive_hi=True)
+        _check_range("--delta", delta, 0, 1)
+        if target_epsilon <= 0 or rounds <= 0:
+            raise PrivlmError("--target-epsilon and --rounds must be > 0")
+        z = calibrate_noise_multiplier(target_epsilon, sampling_rate, rounds, delta, accountant)  # type: ignore[arg-type]
+    except PrivlmError as e:
+        _fail(e)
+        return
+    console.print(f"{z:.6g}", highlight=False)
+
+
+@app.command("eval")
+def eval_(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Held-out loss and next-token accuracy of a run's latest checkpoint, on all clients."""
+    from privlm.inference import evaluate_run
+
+    try:
+        r, loss, acc, n = evaluate_run(run_dir)
+    except PrivlmError as e:
+        _fail(e)
+        return
+    console.print(f"round {r}: held-out loss {loss:.4f}, next-token accuracy {acc:.4f} ({n:,} tokens)")
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to sample.")] = 200,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+) -> None:
+    """Sample a continuation of PROMPT from a run's latest checkpoint."""
+    from privlm.inference import generate_text
+
+    try:
+        text = generate_text(run_dir, prompt, max_new_tokens, temperature, seed)
+    except PrivlmError as e:
+        _fail(e)
+        return
+    sys.stdout.write(text + "\n")
+
+
+@data_app.command("download")
+def data_download(
+    name: Annotated[str, typer.Argument(help="shakespeare or tinyshakespeare.")],
+    to: Annotated[Optional[Path], typer.Option("--to", help="Destination (default: the cache data.path uses).")] = None,
+) -> None:
+    """Download a public-domain corpus, checking every file's SHA-256."""
+    from privlm.data.download import download
+
+    try:
+        if name not in ("shakespeare", "tinyshakespeare"):
+            raise PrivlmError(f"data set {name!r}: choose shakespeare or tinyshakespeare")
+        path = download(name, to)  # type: ignore[arg-type]
+    except PrivlmError as e:
+        _fail(e)
+        return
+    console.print(f"{name}: verified files in {path}")
+
+
+if __name__ == "__main__":
+    app()

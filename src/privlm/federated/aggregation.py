@@ -1,0 +1,116 @@
+"""Server-side aggregation: validate, clip, stream-sum, noise, divide.
+
+This is the privacy-critical half of a DP-FedAvg round. Memory is O(model):
+updates are folded into one running sum as they arrive and then dropped
+(FedJAX: "to avoid loading all the client outputs into memory").
+
+User-level DP (``DPSumQuery``): each accepted update is clipped to L2 norm C
+over all tensors together, the clipped updates are summed, one Gaussian draw
+N(0, (zC)^2 I) is added to the sum, and the result is divided by the
+*expected* number of clients q*N, not by the number that showed up. With the
+fixed denominator the mean's sensitivity to one user is C/(qN) whatever the
+sample was, so dropped or rejected clients never change the guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from privlm.privacy.mechanism import add_gaussian_noise, clip_update
+
+Params = dict[str, torch.Tensor]
+
+# An update with more than this many times the model's elements, or a single
+# value beyond this magnitude, is rejected as absurd before any arithmetic.
+MAX_ABS_VALUE = 1e6
+
+
+def validate_update(update: object, reference: Mapping[str, torch.Tensor]) -> str | None:
+    """Return why ``update`` is malformed, or ``None`` if it may be aggregated.
+
+    Checks: a mapping of exactly the reference's names; each a tensor with the
+    reference's shape and dtype; all values finite and of sane magnitude.
+    """
+    if not isinstance(update, Mapping):
+        return f"update is a {type(update).__name__}, not a mapping of tensors"
+    missing = set(reference) - set(update)
+    extra = set(update) - set(reference)
+    if missing:
+        return f"missing tensors {sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}"
+    if extra:
+        return f"unexpected tensors {sorted(extra)[:3]}{'...' if len(extra) > 3 else ''}"
+    for name, ref in reference.items():
+        t = update[name]
+        if not isinstance(t, torch.Tensor):
+            return f"{name}: {type(t).__name__} is not a tensor"
+        if t.shape != ref.shape:
+            return f"{name}: shape {tuple(t.shape)} != expected {tuple(ref.shape)}"
+        if t.dtype != ref.dtype:
+            return f"{name}: dtype {t.dtype} != expected {ref.dtype}"
+        if not bool(torch.isfinite(t).all()):
+            return f"{name}: contains NaN or Inf"
+        if t.numel() and float(t.abs().max()) > MAX_ABS_VALUE:
+            return f"{name}: values beyond {MAX_ABS_VALUE:g} in magnitude"
+    return None
+
+
+@dataclass
+class RunningSum:
+    """Streaming (optionally clipped, optionally weighted) sum of updates."""
+
+    total: Params
+    clip_norm: float | None  # None: no clipping (non-private FedAvg)
+    count: int = 0
+    weight: float = 0.0
+    clipped: int = 0  # how many updates had norm > clip_norm
+    norms: list[float] | None = None
+
+    @classmethod
+    def zeros_like(cls, params: Mapping[str, torch.Tensor], clip_norm: float | None) -> RunningSum:
+        return cls({k: torch.zeros_like(v) for k, v in params.items()}, clip_norm, norms=[])
+
+    def add(self, update: Mapping[str, torch.Tensor], weight: float = 1.0) -> float:
+        """Fold one validated update in; returns its L2 norm before clipping."""
+        if self.clip_norm is not None:
+            update, norm = clip_update(update, self.clip_norm)
+            self.clipped += norm > self.clip_norm
+        else:
+            norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in update.values()))
+        for k, v in update.items():
+            self.total[k].add_(v, alpha=weight)
+        self.count += 1
+        self.weight += weight
+        if self.norms is not None:
+            self.norms.append(norm)
+        return norm
+
+
+def dp_mean(
+    clipped_sum: RunningSum,
+    noise_multiplier: float,
+    expected_clients: float,
+    generator: torch.Generator,
+) -> Params:
+    """``(sum of clipped updates + N(0, (zC)^2 I)) / (q N)``: the Gaussian mechanism.
+
+    Refuses to run on an unclipped sum: noise calibrated to C means nothing
+    if contributions were not bounded by C.
+    """
+    if clipped_sum.clip_norm is None:
+        raise ValueError("DP mean requires a clipped sum (clip_norm is None)")
+    if not expected_clients > 0:
+        raise ValueError("expected_clients must be > 0")
+    std = noise_multiplier * clipped_sum.clip_norm
+    noised = add_gaussian_noise(clipped_sum.total, std, generator)
+    return {k: v / expected_clients for k, v in noised.items()}
+
+
+def weighted_mean(running: RunningSum) -> Params:
+    """Plain FedAvg mean (non-private): sum of weighted updates / total weight."""
+    if running.weight <= 0:
+        return {k: torch.zeros_like(v) for k, v in running.total.items()}
+    return {k: v / running.weight for k, v in running.total.items()}

@@ -1,0 +1,139 @@
+"""Local training on one client's own text (the client side of FedAvg).
+
+FedJAX's client_init / client_step / client_final, as one readable loop:
+start from the global parameters, run E epochs (or K steps) of SGD/Adam over
+the client's token windows, return ``local - global``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    epochs: int = 1
+    steps: int | None = None  # if set, overrides epochs: exactly this many batches
+    batch_size: int = 16
+    lr: float = 0.5
+    optimizer: Literal["sgd", "adam"] = "sgd"
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    update: Params  # local - global, one tensor per trainable parameter
+    num_tokens: int  # training targets seen per epoch (the FedAvg weight n_k)
+    loss_sum: float  # sum of training losses over steps
+    steps: int
+
+
+def get_params(model: nn.Module) -> Params:
+    """Detached copies of the trainable parameters, by name (shared weights once)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def set_params(model: nn.Module, params: Params) -> None:
+    for n, p in model.named_parameters():
+        if n in params:
+            p.copy_(params[n])
+
+
+def make_windows(tokens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a token stream into (input, target) windows of ``block_size``.
+
+    Windows do not overlap; the last one is right-padded, with target -1
+    (ignored by the loss), so no token of the client is dropped.
+    """
+    n = tokens.numel() - 1  # number of (input, next-token) pairs
+    if n <= 0:
+        empty = torch.empty(0, block_size, dtype=torch.long)
+        return empty, empty
+    num = (n + block_size - 1) // block_size
+    x = torch.zeros(num * block_size, dtype=torch.long)
+    y = torch.full((num * block_size,), -1, dtype=torch.long)
+    x[:n] = tokens[:-1]
+    y[:n] = tokens[1:]
+    return x.view(num, block_size), y.view(num, block_size)
+
+
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
+    logits = model(x)
+    return F.cross_entropy(
+        logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction=reduction
+    )
+
+
+def local_train(
+    model: nn.Module,
+    global_params: Params,
+    tokens: torch.Tensor,
+    cfg: LocalTraining,
+    generator: torch.Generator,
+) -> ClientResult:
+    """Train ``model`` from ``global_params`` on ``tokens``; return the update."""
+    set_params(model, global_params)
+    model.train()
+    x, y = make_windows(tokens, model.cfg.block_size)
+    num_tokens = int((y >= 0).sum())
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+
+    def batches():
+        while True:  # epochs of shuffled windows
+            order = torch.randperm(x.size(0), generator=generator)
+            for i in range(0, x.size(0), cfg.batch_size):
+                idx = order[i : i + cfg.batch_size]
+                yield x[idx], y[idx]
+
+    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * -(-x.size(0) // cfg.batch_size)
+    loss_sum, steps = 0.0, 0
+    if num_tokens > 0:
+        for (bx, by), _ in zip(batches(), range(total_steps)):
+            loss = lm_loss(model, bx, by)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item()
+            steps += 1
+    update = {n: p.detach() - global_params[n] for n, p in model.named_parameters() if n in global_params}
+    return ClientResult(update=update, num_tokens=num_tokens, loss_sum=loss_sum, steps=steps)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, params: Params, tokens: list[torch.Tensor], batch_size: int = 64
+) -> tuple[float, float, int]:
+    """Mean next-token loss and accuracy over held-out token streams.
+
+    Returns ``(loss, accuracy, num_tokens)``; each stream is windowed like training.
+    """
+    set_params(model, params)
+    model.eval()
+    xs, ys = zip(*(make_windows(t, model.cfg.block_size) for t in tokens)) if tokens else ((), ())
+    if not xs:
+        return float("nan"), float("nan"), 0
+    x, y = torch.cat(xs), torch.cat(ys)
+    loss_sum, correct, count = 0.0, 0, 0
+    for i in range(0, x.size(0), batch_size):
+        bx, by = x[i : i + batch_size], y[i : i + batch_size]
+        logits = model(bx)
+        mask = by >= 0
+        loss_sum += float(
+            F.cross_entropy(logits.view(-1, logits.size(-1)), by.view(-1), ignore_index=-1, reduction="sum")
+        )
+        correct += int((logits.argmax(-1) == by)[mask].sum())
+        count += int(mask.sum())
+    if count == 0:
+        return float("nan"), float("nan"), 0
+    return loss_sum / count, correct / count, count

@@ -1,0 +1,142 @@
+"""One round of (DP-)FedAvg as ``init`` / ``apply`` over an explicit server state.
+
+User-level DP-FedAvg (McMahan, Ramage, Talwar, Zhang 2018), per round:
+
+1. every one of the N clients is sampled independently with probability q
+   (Poisson sampling: the amplification the accountant assumes);
+2. each sampled client trains locally and sends ``local - global``;
+3. the server validates each update (malformed ones are rejected, never
+   summed), clips it to L2 norm C, and adds it to a running sum;
+4. one Gaussian draw of std z*C per coordinate is added to the sum, which is
+   divided by q*N (fixed denominator);
+5. a server optimizer applies that mean.
+
+The round's privacy cost is ``PoissonSampled(q, Gaussian(z))``: the runtime
+records it in the ledger, durably, *before* it calls ``apply``.
+Non-private FedAvg ("none") samples exactly ``clients_per_round`` clients and
+takes the token-weighted mean of unclipped updates (McMahan et al. 2017).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import dp_accounting
+import numpy as np
+import torch
+
+from privlm.federated.aggregation import RunningSum, dp_mean, validate_update, weighted_mean
+from privlm.federated.server_opt import ServerOptimizer
+from privlm.privacy.accountant import round_event
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DPFedAvg:
+    """The algorithm's fixed settings."""
+
+    num_clients: int  # N, the population the guarantee is about
+    clients_per_round: int  # expected clients per round, q*N
+    mode: Literal["user", "none"] = "user"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    server_optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.clients_per_round <= self.num_clients:
+            raise ValueError("clients_per_round must be in [1, num_clients]")
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.clients_per_round / self.num_clients
+
+    @property
+    def private(self) -> bool:
+        return self.mode == "user"
+
+    def round_event(self) -> dp_accounting.DpEvent:
+        """The DP event one round of this algorithm is (for the ledger)."""
+        if not self.private:
+            return dp_accounting.NonPrivateDpEvent()
+        return round_event(self.sampling_rate, self.noise_multiplier)
+
+    def sample_clients(self, rng: np.random.Generator) -> list[int]:
+        """Indices of this round's clients: Poisson(q) for DP, fixed-size otherwise."""
+        if self.private:
+            return np.flatnonzero(rng.random(self.num_clients) < self.sampling_rate).tolist()
+        return sorted(rng.choice(self.num_clients, self.clients_per_round, replace=False).tolist())
+
+
+@dataclass
+class ServerState:
+    params: Params
+    opt_state: dict
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What one sampled client hands the server (after local training)."""
+
+    client_id: str
+    update: object  # validated before use: may be anything a client sent
+    weight: float = 1.0  # tokens, for non-private FedAvg; ignored under DP
+    train_loss: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    clients: int  # contributions aggregated
+    rejected: int  # malformed contributions dropped
+    clipped: int  # contributions whose norm exceeded C
+    mean_norm: float  # mean pre-clip update norm (NaN if none): NOT private, local debug only
+    train_loss: float  # mean client training loss (NaN if none)
+    rejections: tuple[tuple[str, str], ...] = ()
+
+
+def init(algo: DPFedAvg, params: Params) -> ServerState:
+    return ServerState(params={k: v.clone() for k, v in params.items()},
+                       opt_state=algo.server_optimizer.init(params), round=0)
+
+
+def apply(
+    algo: DPFedAvg,
+    state: ServerState,
+    contributions: Iterable[Contribution],
+    noise: torch.Generator | None,
+) -> tuple[ServerState, RoundStats]:
+    """Aggregate a round's contributions (streamed) and step the server optimizer."""
+    running = RunningSum.zeros_like(state.params, algo.clip_norm if algo.private else None)
+    rejections: list[tuple[str, str]] = []
+    losses: list[float] = []
+    for c in contributions:
+        reason = validate_update(c.update, state.params)
+        if reason is not None:
+            log.warning("rejected update from client %s: %s", c.client_id, reason)
+            rejections.append((c.client_id, reason))
+            continue
+        running.add(c.update, 1.0 if algo.private else c.weight)
+        if c.train_loss is not None:
+            losses.append(c.train_loss)
+    if algo.private:
+        if noise is None:
+            raise ValueError("a private round needs a noise generator")
+        mean = dp_mean(running, algo.noise_multiplier, algo.clients_per_round, noise)
+    else:
+        mean = weighted_mean(running)
+    params, opt_state = algo.server_optimizer.apply(state.params, state.opt_state, mean)
+    stats = RoundStats(
+        clients=running.count,
+        rejected=len(rejections),
+        clipped=running.clipped,
+        mean_norm=float(np.mean(running.norms)) if running.norms else float("nan"),
+        train_loss=float(np.mean(losses)) if losses else float("nan"),
+        rejections=tuple(rejections),
+    )
+    return ServerState(params=params, opt_state=opt_state, round=state.round + 1), stats

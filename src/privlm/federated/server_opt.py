@@ -1,0 +1,42 @@
+"""Server optimizers: turn the (noised) mean update into new global parameters.
+
+Post-processing of the released mean, so they cost no privacy.
+FedAvg: ``w += lr * mean``. FedAdam (Reddi et al. 2021, "Adaptive Federated
+Optimization"): Adam moments over the mean update, with adaptivity ``tau``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ServerOptimizer:
+    name: Literal["fedavg", "fedadam"] = "fedavg"
+    lr: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def init(self, params: Params) -> dict[str, Params]:
+        if self.name == "fedadam":
+            return {
+                "m": {k: torch.zeros_like(v) for k, v in params.items()},
+                "v": {k: torch.full_like(v, self.tau**2) for k, v in params.items()},
+            }
+        return {}
+
+    def apply(
+        self, params: Params, state: dict[str, Params], mean_update: Params
+    ) -> tuple[Params, dict[str, Params]]:
+        if self.name == "fedavg":
+            return {k: params[k] + self.lr * mean_update[k] for k in params}, state
+        m = {k: self.beta1 * state["m"][k] + (1 - self.beta1) * mean_update[k] for k in params}
+        v = {k: self.beta2 * state["v"][k] + (1 - self.beta2) * mean_update[k] ** 2 for k in params}
+        new = {k: params[k] + self.lr * m[k] / (v[k].sqrt() + self.tau) for k in params}
+        return new, {"m": m, "v": v}

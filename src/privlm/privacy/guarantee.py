@@ -1,0 +1,62 @@
+"""The guarantee a run can claim, computed from its ledger and nothing else."""
+
+from __future__ import annotations
+
+import math
+
+from privlm.privacy.accountant import epsilon_for
+from privlm.privacy.ledger import Ledger
+
+
+def guarantee_record(
+    *,
+    mode: str,
+    ledger: Ledger,
+    delta: float,
+    accountant: str,
+    noise_multiplier: float | None,
+    clip_norm: float | None,
+    sampling_rate: float,
+    num_clients: int,
+    clients_per_round: int,
+    rounds_completed: int,
+    seeded_noise: bool,
+    budget: float | None,
+    stopped: str | None = None,
+) -> dict:
+    """The content of ``privacy.json``. ``epsilon`` is recomputed from ``ledger``."""
+    if mode == "none":
+        eps = math.inf
+        words = "No differential privacy: this model was trained without clipping or noise."
+    else:
+        eps = epsilon_for(ledger, delta, accountant)  # type: ignore[arg-type]
+        words = (
+            f"User-level ({eps:.3g}, {delta:.3g})-differential privacy: for any one client "
+            f"(user) of the {num_clients} in the population, adding or removing all of that "
+            f"user's data changes the probability of any outcome of the released model "
+            f"checkpoints by at most a factor e^{eps:.3g}, except with probability {delta:.3g}. "
+            f"Mechanism: Poisson sampling with q={sampling_rate:.4g}, per-user L2 clipping to "
+            f"C={clip_norm}, Gaussian noise of std {noise_multiplier:.4g}*C on the sum, "
+            f"{len(ledger)} rounds, {accountant.upper()} accounting."
+        )
+        if seeded_noise:
+            words += " WARNING: noise was seeded (test mode); this guarantee does NOT hold."
+    return {
+        "mode": mode,
+        "unit": "user" if mode == "user" else None,
+        "epsilon": eps if math.isfinite(eps) else None,
+        "delta": delta if mode == "user" else None,
+        "accountant": accountant,
+        "noise_multiplier": noise_multiplier if mode == "user" else None,
+        "clip_norm": clip_norm if mode == "user" else None,
+        "sampling_rate": sampling_rate,
+        "num_clients": num_clients,
+        "clients_per_round": clients_per_round,
+        "rounds_completed": rounds_completed,
+        "rounds_spent": len(ledger),
+        "budget_epsilon": budget,
+        "secure_noise": not seeded_noise,
+        "stopped": stopped,
+        "guarantee": words,
+        "ledger": ledger.to_list(),
+    }

@@ -1,0 +1,150 @@
+"""The ledger: an append-only list of dp-accounting events, one per round run.
+
+Entries are plain ``dp_accounting`` event records (frozen ``attrs`` classes)
+with the round they paid for. They are stored as JSON (no pickle): each event
+becomes ``{"class": "PoissonSampledDpEvent", "sampling_probability": ...,
+"event": {"class": "GaussianDpEvent", "noise_multiplier": ...}}``. Loading only
+accepts event classes from ``dp_accounting.dp_event`` on an allow-list, so a
+tampered file cannot make us import or call anything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import attr
+import dp_accounting
+from dp_accounting import dp_event
+
+# Event classes a ledger may hold. Anything else in a file is an error.
+_ALLOWED = {
+    cls.__name__: cls
+    for cls in (
+        dp_event.NoOpDpEvent,
+        dp_event.NonPrivateDpEvent,
+        dp_event.GaussianDpEvent,
+        dp_event.PoissonSampledDpEvent,
+        dp_event.SelfComposedDpEvent,
+        dp_event.ComposedDpEvent,
+        dp_event.SampledWithoutReplacementDpEvent,
+        dp_event.SampledWithReplacementDpEvent,
+    )
+}
+
+
+def event_to_dict(event: dp_accounting.DpEvent) -> dict:
+    """JSON-ready dict of a dp-accounting event (recursively)."""
+    name = type(event).__name__
+    if name not in _ALLOWED:
+        raise ValueError(f"event type {name} is not supported in a ledger")
+    out: dict = {"class": name}
+    for key, value in attr.asdict(event, recurse=False).items():
+        if isinstance(value, dp_accounting.DpEvent):
+            value = event_to_dict(value)
+        elif isinstance(value, (list, tuple)):
+            value = [event_to_dict(v) if isinstance(v, dp_accounting.DpEvent) else v for v in value]
+        out[key] = value
+    return out
+
+
+def event_from_dict(data: dict) -> dp_accounting.DpEvent:
+    """Inverse of :func:`event_to_dict`; refuses classes outside the allow-list."""
+    if not isinstance(data, dict) or not isinstance(data.get("class"), str):
+        raise ValueError(f"not a DP event record: {data!r:.80}")
+    cls = _ALLOWED.get(data["class"])
+    if cls is None:
+        raise ValueError(f"unsupported DP event class {data['class']!r}")
+    kwargs = {}
+    for f in attr.fields(cls):
+        if f.name not in data:
+            raise ValueError(f"{data['class']} record lacks field {f.name!r}")
+        value = data[f.name]
+        if isinstance(value, dict):
+            value = event_from_dict(value)
+        elif isinstance(value, list):
+            value = [event_from_dict(v) if isinstance(v, dict) else v for v in value]
+        kwargs[f.name] = value
+    extra = set(data) - {"class"} - {f.name for f in attr.fields(cls)}
+    if extra:
+        raise ValueError(f"{data['class']} record has unknown fields {sorted(extra)}")
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round's privacy cost: the round number and what the mechanism was."""
+
+    round: int
+    event: dp_accounting.DpEvent
+
+    def to_dict(self) -> dict:
+        return {"round": self.round, "event": event_to_dict(self.event)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LedgerEntry:
+        if not isinstance(data, dict) or not isinstance(data.get("round"), int):
+            raise ValueError(f"ledger entry lacks an integer 'round': {data!r:.80}")
+        return cls(round=data["round"], event=event_from_dict(data.get("event")))
+
+
+class Ledger:
+    """Append-only sequence of :class:`LedgerEntry`.
+
+    The ledger itself holds no numbers of its own: epsilon is always computed
+    by composing its events (:func:`privlm.privacy.accountant.epsilon`).
+    Durability (writing it to disk before parameters are released) is the
+    runtime's job; see ``privlm.rundir``.
+    """
+
+    def __init__(self, entries: Iterable[LedgerEntry] = ()) -> None:
+        self._entries: list[LedgerEntry] = list(entries)
+
+    def append(self, round_index: int, event: dp_accounting.DpEvent) -> LedgerEntry:
+        if self._entries and round_index <= self._entries[-1].round:
+            raise ValueError(
+                f"ledger rounds must increase: got {round_index} after {self._entries[-1].round}"
+            )
+        entry = LedgerEntry(round_index, event)
+        self._entries.append(entry)
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[LedgerEntry]:
+        return iter(self._entries)
+
+    @property
+    def events(self) -> list[dp_accounting.DpEvent]:
+        return [e.event for e in self._entries]
+
+    def composed_event(self) -> dp_accounting.DpEvent:
+        """All events as one ``ComposedDpEvent``, runs of equal events self-composed.
+
+        Run-length encoding makes PLD composition of thousands of identical
+        rounds fast (one self-composition instead of thousands of convolutions)
+        and is exact: composing ``k`` copies of an event is what
+        ``SelfComposedDpEvent(event, k)`` means.
+        """
+        runs: list[list] = []
+        for e in self.events:
+            if runs and runs[-1][0] == e:
+                runs[-1][1] += 1
+            else:
+                runs.append([e, 1])
+        parts = [ev if k == 1 else dp_accounting.SelfComposedDpEvent(ev, k) for ev, k in runs]
+        return dp_accounting.ComposedDpEvent(parts)
+
+    def to_list(self) -> list[dict]:
+        return [e.to_dict() for e in self._entries]
+
+    @classmethod
+    def from_list(cls, data: list) -> Ledger:
+        if not isinstance(data, list):
+            raise ValueError("ledger must be a list of entries")
+        ledger = cls()
+        for item in data:
+            entry = LedgerEntry.from_dict(item)
+            ledger.append(entry.round, entry.event)
+        return ledger

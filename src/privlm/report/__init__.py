@@ -1,0 +1,1 @@
+"""Run reports: a self-contained HTML page with plots."""

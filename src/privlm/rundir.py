@@ -1,0 +1,143 @@
+"""The run directory: the contract between a run, its users and later commands.
+
+    config.toml                         fully resolved configuration
+    metrics.jsonl                       one JSON object per round
+    privacy.json                        the ledger and the guarantee it implies
+    checkpoints/round-NNNN.safetensors  global parameters (round 0 = initial)
+    report.html                         self-contained report
+
+Every file is written atomically (temp file in the same directory, fsync,
+rename, fsync of the directory), so a crash leaves either the old or the new
+version, never a torn one. Only safetensors, JSON and TOML are read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from privlm.errors import DataError
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # -- paths -------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def privacy_path(self) -> Path:
+        return self.path / "privacy.json"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.html"
+
+    def checkpoint_path(self, round_index: int) -> Path:
+        return self.path / "checkpoints" / f"round-{round_index:04d}.safetensors"
+
+    # -- writing -----------------------------------------------------------
+    def create(self) -> None:
+        """Make a fresh run directory; refuse one that already holds a run."""
+        if self.privacy_path.exists() or self.metrics_path.exists():
+            raise DataError(f"{self.path}: already holds a run; choose another --out")
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, toml_text: str) -> None:
+        atomic_write(self.config_path, toml_text.encode())
+
+    def write_privacy(self, record: dict) -> None:
+        atomic_write(self.privacy_path, (json.dumps(record, indent=2) + "\n").encode())
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        data = "".join(json.dumps(r) + "\n" for r in rows)
+        atomic_write(self.metrics_path, data.encode())
+
+    def save_checkpoint(self, round_index: int, params: dict[str, torch.Tensor]) -> Path:
+        path = self.checkpoint_path(round_index)
+        tensors = {k: v.detach().contiguous() for k, v in params.items()}
+        atomic_write(path, save(tensors, metadata={"round": str(round_index)}))
+        return path
+
+    # -- reading -----------------------------------------------------------
+    def read_privacy(self) -> dict:
+        return _read_json(self.privacy_path)
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for i, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{self.metrics_path}:{i}: corrupt JSON ({e.msg})") from None
+        return rows
+
+    def checkpoints(self) -> list[int]:
+        return sorted(
+            int(p.stem.split("-")[1]) for p in (self.path / "checkpoints").glob("round-*.safetensors")
+        )
+
+    def latest_checkpoint(self) -> tuple[int, dict[str, torch.Tensor]]:
+        rounds = self.checkpoints()
+        if not rounds:
+            raise DataError(f"{self.path / 'checkpoints'}: no checkpoint found")
+        r = rounds[-1]
+        path = self.checkpoint_path(r)
+        try:
+            return r, load_file(path)
+        except Exception as e:  # safetensors raises its own error types
+            raise DataError(f"{path}: unreadable checkpoint ({e})") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (is this a privlm run directory?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: corrupt JSON ({e})") from None
+
+
+def open_run_dir(path: Path) -> RunDir:
+    rd = RunDir(path)
+    if not rd.config_path.exists():
+        raise DataError(f"{path}: not a privlm run directory (no config.toml)")
+    return rd

@@ -1,0 +1,1 @@
+"""Runtimes: thin adapters that move data and call ``privlm.federated``."""

@@ -1,0 +1,263 @@
+"""In-process simulation: the embedded default runtime.
+
+All clients live in this process; each sampled client trains in turn on the
+one model instance and its update is folded into the server's running sum at
+once, so memory stays O(model) however many clients a round samples.
+
+The order of one round (see DESIGN.md):
+
+    budget check -> ledger entry written durably -> sample -> local training
+    -> validate/clip/sum -> noise -> server step -> metrics/checkpoint
+
+The ledger entry is on disk before any parameter that it pays for exists, so
+a crash can only over-count spent privacy, never under-count it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from privlm.config import RunConfig
+import privlm.data as _data
+from privlm.data.corpus import FederatedCorpus
+from privlm.errors import BudgetExceeded, ConfigError
+from privlm.federated import dp_fedavg
+from privlm.federated.client import LocalTraining, evaluate, get_params, local_train
+from privlm.federated.server_opt import ServerOptimizer
+from privlm.models import GPT, ByteTokenizer, GPTConfig
+from privlm.privacy.accountant import calibrate_noise_multiplier, default_delta, epsilon_for
+from privlm.privacy.guarantee import guarantee_record
+from privlm.privacy.ledger import Ledger
+from privlm.privacy.mechanism import NoiseSource
+from privlm.rundir import RunDir, default_run_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a finished (or budget-stopped) run reports."""
+
+    run_dir: Path
+    rounds_completed: int
+    epsilon: float | None  # None for a non-private run
+    delta: float | None
+    eval_loss: float
+    eval_accuracy: float
+    stopped: str | None = None
+    metrics: list[dict] = field(default_factory=list)
+    corpus_stats: dict = field(default_factory=dict)
+
+
+def build_model(cfg: RunConfig) -> GPT:
+    m = cfg.model
+    return GPT(GPTConfig(block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+                         n_embd=m.n_embd, dropout=m.dropout))
+
+
+def resolve_privacy(cfg: RunConfig, num_clients: int) -> RunConfig:
+    """Fill in delta and (by calibration) the noise multiplier; check feasibility."""
+    p = cfg.privacy
+    if cfg.federation.clients_per_round > num_clients:
+        raise ConfigError(
+            f"federation.clients_per_round: {cfg.federation.clients_per_round} exceeds the "
+            f"{num_clients} clients of the data"
+        )
+    if p.mode == "none":
+        return cfg
+    delta = p.delta if p.delta is not None else default_delta(num_clients)
+    if delta >= 1.0 / num_clients:
+        raise ConfigError(f"privacy.delta: {delta:g} must be below 1/N = {1 / num_clients:g}")
+    q = cfg.federation.clients_per_round / num_clients
+    z = p.noise_multiplier
+    if z is None:
+        assert p.target_epsilon is not None
+        z = calibrate_noise_multiplier(p.target_epsilon, q, cfg.federation.rounds, delta, p.accountant)
+    new = cfg.model_copy(deep=True)
+    new.privacy.delta = delta
+    new.privacy.noise_multiplier = z
+    return new
+
+
+def _sampling_rng(cfg: RunConfig, round_index: int) -> np.random.Generator:
+    if cfg.privacy.seeded_noise or cfg.privacy.mode == "none":
+        return np.random.default_rng([cfg.seed, round_index, 1])
+    return np.random.default_rng(secrets.randbits(128))
+
+
+class Simulation:
+    """One run of (DP-)FedAvg over a corpus, in this process."""
+
+    def __init__(self, cfg: RunConfig, corpus: FederatedCorpus | None = None) -> None:
+        self.corpus = corpus if corpus is not None else _data.load_corpus(
+            cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed
+        )
+        self.cfg = resolve_privacy(cfg, self.corpus.num_clients)
+        c = self.cfg
+        torch.manual_seed(c.seed)
+        self.model = build_model(c)
+        tok = ByteTokenizer()
+        self.train_tokens = [tok.encode(cl.train) for cl in self.corpus.clients]
+        rng = np.random.default_rng([c.seed, 0, 2])
+        order = rng.permutation(self.corpus.num_clients)
+        if c.eval.max_clients is not None:
+            order = order[: c.eval.max_clients]
+        self.eval_tokens = [t for i in sorted(order) if (t := tok.encode(self.corpus.clients[i].test)).numel() > 1]
+        self.algo = dp_fedavg.DPFedAvg(
+            num_clients=self.corpus.num_clients,
+            clients_per_round=c.federation.clients_per_round,
+            mode=c.privacy.mode,
+            clip_norm=c.privacy.clip_norm,
+            noise_multiplier=c.privacy.noise_multiplier or 0.0,
+            server_optimizer=ServerOptimizer(c.server.optimizer, c.server.lr, c.server.beta1,
+                                             c.server.beta2, c.server.tau),
+        )
+        self.local = LocalTraining(c.client.local_epochs, c.client.local_steps, c.client.batch_size,
+                                   c.client.lr, c.client.optimizer)
+        self.noise = NoiseSource(c.seed if c.privacy.seeded_noise else None)
+        self.ledger = Ledger()
+
+    # -- pieces --------------------------------------------------------------
+    def contributions(self, state: dp_fedavg.ServerState, ids: list[int], on_client=None
+                      ) -> Iterator[dp_fedavg.Contribution]:
+        """Local training of each sampled client, yielded one at a time (streamed)."""
+        for i in ids:
+            g = torch.Generator().manual_seed(hash((self.cfg.seed, state.round, i)) & (2**62))
+            res = local_train(self.model, state.params, self.train_tokens[i], self.local, g)
+            if on_client:
+                on_client()
+            yield dp_fedavg.Contribution(
+                client_id=self.corpus.clients[i].client_id,
+                update=res.update,
+                weight=float(res.num_tokens),
+                train_loss=res.loss_sum / res.steps if res.steps else None,
+            )
+
+    def evaluate(self, params) -> tuple[float, float]:
+        loss, acc, _ = evaluate(self.model, params, self.eval_tokens, self.cfg.eval.batch_size)
+        return loss, acc
+
+    def privacy_record(self, rounds_completed: int, stopped: str | None = None) -> dict:
+        p = self.cfg.privacy
+        return guarantee_record(
+            mode=p.mode, ledger=self.ledger, delta=p.delta or 0.0, accountant=p.accountant,
+            noise_multiplier=p.noise_multiplier, clip_norm=p.clip_norm,
+            sampling_rate=self.algo.sampling_rate, num_clients=self.algo.num_clients,
+            clients_per_round=self.algo.clients_per_round, rounds_completed=rounds_completed,
+            seeded_noise=p.seeded_noise, budget=p.budget if p.mode == "user" else None,
+            stopped=stopped,
+        )
+
+    # -- the loop --------------------------------------------------------------
+    def run(self, out: Path | None = None, progress: bool = True) -> RunResult:
+        c = self.cfg
+        rd = RunDir(out or c.output.dir or default_run_dir())
+        rd.create()
+        rd.write_config(c.to_toml())
+        if c.privacy.seeded_noise and c.privacy.mode == "user":
+            log.warning("privacy.seeded_noise = true: noise is NOT secure; the guarantee does not hold")
+        state = dp_fedavg.init(self.algo, get_params(self.model))
+        rd.save_checkpoint(0, state.params)
+        rd.write_privacy(self.privacy_record(0))
+        metrics: list[dict] = []
+        stopped = None
+        eval_loss = eval_acc = float("nan")
+        bar = _progress(progress)
+        with bar or nullcontext():
+            rounds_task = bar.add_task("rounds", total=c.federation.rounds) if bar else None
+            clients_task = bar.add_task("clients", total=None) if bar else None
+            for r in range(1, c.federation.rounds + 1):
+                t0 = time.perf_counter()
+                # 1. Budget check, then the round's privacy cost, durable before anything else.
+                event = self.algo.round_event()
+                eps = None
+                if self.algo.private:
+                    eps = epsilon_for([*self.ledger.events, event], c.privacy.delta, c.privacy.accountant)
+                    budget = c.privacy.budget
+                    if budget is not None and eps > budget * (1 + 1e-9):
+                        stopped = (f"budget stop: round {r} would raise epsilon to {eps:.4f}, "
+                                   f"above the budget {budget:g}; it did not run")
+                        break
+                self.ledger.append(r, event)
+                rd.write_privacy(self.privacy_record(r - 1))
+                # 2. Sample, train, aggregate (streamed), noise, server step.
+                ids = self.algo.sample_clients(_sampling_rng(c, r))
+                if bar:
+                    bar.reset(clients_task, total=len(ids))
+                advance = (lambda: bar.advance(clients_task)) if bar else None
+                state, stats = dp_fedavg.apply(
+                    self.algo, state, self.contributions(state, ids, advance),
+                    self.noise.generator(r) if self.algo.private else None,
+                )
+                # 3. Release: metrics, checkpoint, privacy.json with the completed count.
+                if r % c.eval.every == 0 or r == c.federation.rounds:
+                    eval_loss, eval_acc = self.evaluate(state.params)
+                row = {
+                    "round": r,
+                    "train_loss": _num(stats.train_loss),
+                    "eval_loss": _num(eval_loss) if r % c.eval.every == 0 or r == c.federation.rounds else None,
+                    "eval_accuracy": _num(eval_acc) if r % c.eval.every == 0 or r == c.federation.rounds else None,
+                    "epsilon": eps,
+                    "clients": stats.clients,
+                    "sampled": len(ids),
+                    "rejected": stats.rejected,
+                    "clipped": stats.clipped,
+                    "seconds": round(time.perf_counter() - t0, 4),
+                }
+                metrics.append(row)
+                rd.write_metrics(metrics)
+                if r % c.output.checkpoint_every == 0 or r == c.federation.rounds:
+                    rd.save_checkpoint(r, state.params)
+                rd.write_privacy(self.privacy_record(r))
+                if bar:
+                    bar.update(rounds_task, advance=1,
+                               description=f"rounds (acc {eval_acc:.3f}" + (f", eps {eps:.2f})" if eps else ")"))
+        completed = metrics[-1]["round"] if metrics else 0
+        if stopped:
+            log.warning(stopped)
+            if completed and completed % c.output.checkpoint_every:
+                rd.save_checkpoint(completed, state.params)
+            if completed and (completed % c.eval.every):
+                eval_loss, eval_acc = self.evaluate(state.params)
+        record = self.privacy_record(completed, stopped)
+        rd.write_privacy(record)
+        from privlm.report.html import write_report
+
+        write_report(rd)
+        return RunResult(
+            run_dir=rd.path, rounds_completed=completed, epsilon=record["epsilon"],
+            delta=record["delta"], eval_loss=eval_loss, eval_accuracy=eval_acc,
+            stopped=stopped, metrics=metrics, corpus_stats=self.corpus.stats(),
+        )
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else round(float(x), 6)
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), transient=False)
+
+
+def run(cfg: RunConfig, out: Path | None = None, progress: bool = True,
+        corpus: FederatedCorpus | None = None) -> RunResult:
+    """Run ``cfg`` in process and return its results (the notebook API)."""
+    return Simulation(cfg, corpus).run(out, progress)
+
+
+__all__ = ["RunResult", "Simulation", "run", "build_model", "resolve_privacy", "BudgetExceeded"]

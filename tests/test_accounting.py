@@ -1,0 +1,96 @@
+"""Accounting: our numbers are dp-accounting's, and match published tables."""
+
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting import pld, rdp
+
+from privlm.privacy import Ledger, calibrate_noise_multiplier, epsilon, epsilon_for, round_event
+from privlm.privacy.accountant import PLD_DISCRETIZATION
+from privlm.privacy.ledger import event_from_dict, event_to_dict
+
+# McMahan, Ramage, Talwar, Zhang 2018 ("Learning differentially private recurrent
+# language models"), Table 1: (K users, C expected per round, z) -> eps at T rounds, delta = K^-1.1.
+MCMAHAN_2018 = {
+    (1e5, 1e2, 1.0): [0.697, 0.700, 0.725, 0.774, 0.884],
+    (1e6, 1e3, 1.0): [0.892, 0.895, 0.919, 0.985, 1.095],
+    (1e6, 1e3, 3.0): [0.162, 0.162, 0.163, 0.166, 0.200],
+    (1e6, 1e4, 1.0): [1.366, 1.472, 1.682, 2.634, 7.808],
+}
+
+
+@pytest.mark.parametrize("row", list(MCMAHAN_2018))
+def test_mcmahan_2018_table1_rdp(row):
+    K, C, z = row
+    for T, expected in zip([1, 10, 100, 1000, 10000], MCMAHAN_2018[row]):
+        got = epsilon(C / K, z, T, K**-1.1, kind="rdp")
+        assert abs(got - expected) <= 0.005, (row, T, got, expected)
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_epsilon_equals_direct_dp_accounting(kind):
+    q, z, T, d = 0.01, 1.1, 300, 1e-6
+    acc = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION) if kind == "pld" else rdp.RdpAccountant()
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), T)
+    assert epsilon(q, z, T, d, kind) == pytest.approx(acc.get_epsilon(d), rel=1e-12)
+
+
+def test_pld_discretization_is_a_tight_upper_bound():
+    """Our coarser PLD grid never reports less than the library default, and barely more."""
+    for q, z, T in [(0.05, 0.56, 40), (0.01, 1.0, 500), (0.2, 2.0, 10)]:
+        fine = pld.PLDAccountant()  # library default grid, 1e-4
+        fine.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), T)
+        ours = epsilon(q, z, T, 1e-5, "pld")
+        assert fine.get_epsilon(1e-5) - 1e-9 <= ours <= fine.get_epsilon(1e-5) + 1e-3
+
+
+def test_ledger_epsilon_equals_round_by_round_composition():
+    led = Ledger()
+    for r in range(1, 51):
+        led.append(r, round_event(0.02, 0.9 if r <= 30 else 1.3))
+    acc = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    acc.compose(round_event(0.02, 0.9), 30).compose(round_event(0.02, 1.3), 20)
+    assert epsilon_for(led, 1e-5, "pld") == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_pld_is_tighter_than_rdp():
+    args = (0.01, 1.0, 1000, 1e-6)
+    assert epsilon(*args, kind="pld") < epsilon(*args, kind="rdp")
+
+
+def test_epsilon_monotone_in_rounds_q_and_inverse_z():
+    base = dict(sampling_rate=0.01, noise_multiplier=1.0, rounds=100, delta=1e-6)
+    e0 = epsilon(**base)
+    assert epsilon(**{**base, "rounds": 200}) > e0
+    assert epsilon(**{**base, "sampling_rate": 0.02}) > e0
+    assert epsilon(**{**base, "noise_multiplier": 0.8}) > e0
+    assert epsilon(**{**base, "rounds": 0}) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_calibration_is_smallest_z_meeting_target(kind):
+    q, T, d, target = 0.05, 50, 1e-5, 3.0
+    z = calibrate_noise_multiplier(target, q, T, d, kind, tol=1e-3)
+    assert epsilon(q, z, T, d, kind) <= target
+    assert epsilon(q, z - 2e-3, T, d, kind) > target
+
+
+def test_ledger_json_roundtrip_and_allow_list():
+    led = Ledger()
+    led.append(1, round_event(0.1, 1.0))
+    led.append(2, dp_accounting.NonPrivateDpEvent())
+    back = Ledger.from_list(led.to_list())
+    assert back.events == led.events
+    d = event_to_dict(round_event(0.1, 1.0))
+    assert event_from_dict(d) == round_event(0.1, 1.0)
+    with pytest.raises(ValueError, match="unsupported"):
+        event_from_dict({"class": "os.system", "command": "rm -rf /"})
+    with pytest.raises(ValueError, match="unknown fields"):
+        event_from_dict({**d, "extra": 1})
+    with pytest.raises(ValueError, match="increase"):
+        led.append(2, round_event(0.1, 1.0))
+
+
+def test_nonprivate_event_gives_infinite_epsilon():
+    assert math.isinf(epsilon_for([dp_accounting.NonPrivateDpEvent()], 1e-5))
