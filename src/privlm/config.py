@@ -34,7 +34,7 @@ class ModelConfig(_Section):
     block_size: int = Field(64, gt=1)
     n_layer: int = Field(2, gt=0)
     n_head: int = Field(4, gt=0)
-    n_embd: int = Field(128, gt=0)
+    n_embd: int = Field(64, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
@@ -47,14 +47,14 @@ class ModelConfig(_Section):
 class ClientConfig(_Section):
     local_epochs: int = Field(1, gt=0)
     local_steps: int | None = Field(None, gt=0)  # overrides local_epochs when set
-    batch_size: int = Field(16, gt=0)
-    lr: float = Field(0.5, ge=0)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(3e-3, ge=0)
+    optimizer: Literal["sgd", "adam"] = "adam"
 
 
 class FederationConfig(_Section):
-    rounds: int = Field(40, gt=0)
-    clients_per_round: int = Field(250, gt=0)  # expected number, q*N, under DP
+    rounds: int = Field(50, gt=0)
+    clients_per_round: int = Field(100, gt=0)  # expected number, q*N, under DP
 
 
 class ServerConfig(_Section):
@@ -67,7 +67,7 @@ class ServerConfig(_Section):
 
 class PrivacyConfig(_Section):
     mode: Literal["user", "none"] = "user"
-    clip_norm: float = Field(1.0, gt=0)
+    clip_norm: float = Field(2.0, gt=0)
     noise_multiplier: float | None = Field(None, gt=0)
     target_epsilon: float | None = Field(8.0, gt=0)
     max_epsilon: float | None = Field(None, gt=0)
@@ -93,7 +93,7 @@ class PrivacyConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(1, gt=0)  # evaluate every k rounds (and after the last)
-    max_clients: int | None = Field(500, gt=0)  # held-out clients used for per-round metrics
+    max_clients: int | None = Field(200, gt=0)  # held-out clients used for per-round metrics
     batch_size: int = Field(64, gt=0)
 
 

@@ -19,7 +19,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +132,8 @@ class Simulation:
                       ) -> Iterator[dp_fedavg.Contribution]:
         """Local training of each sampled client, yielded one at a time (streamed)."""
         for i in ids:
-            g = torch.Generator().manual_seed(hash((self.cfg.seed, state.round, i)) & (2**62))
+            # Batch order only (not privacy-relevant): reproducible per (seed, round, client).
+            g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + state.round) * 10_000_019 + i)
             res = local_train(self.model, state.params, self.train_tokens[i], self.local, g)
             if on_client:
                 on_client()
@@ -159,7 +160,9 @@ class Simulation:
         )
 
     # -- the loop --------------------------------------------------------------
-    def run(self, out: Path | None = None, progress: bool = True) -> RunResult:
+    def run(self, out: Path | None = None, progress: bool = True,
+            stop_when: Callable[[dict], bool] | None = None) -> RunResult:
+        """Run all rounds (or until the budget stop, or ``stop_when(metrics_row)`` is true)."""
         c = self.cfg
         rd = RunDir(out or c.output.dir or default_run_dir())
         rd.create()
@@ -219,6 +222,10 @@ class Simulation:
                 if r % c.output.checkpoint_every == 0 or r == c.federation.rounds:
                     rd.save_checkpoint(r, state.params)
                 rd.write_privacy(self.privacy_record(r))
+                if stop_when is not None and stop_when(row):
+                    if r % c.output.checkpoint_every and r != c.federation.rounds:
+                        rd.save_checkpoint(r, state.params)
+                    break
                 if bar:
                     bar.update(rounds_task, advance=1,
                                description=f"rounds (acc {eval_acc:.3f}" + (f", eps {eps:.2f})" if eps else ")"))

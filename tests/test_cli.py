@@ -1,0 +1,70 @@
+"""The command line: epsilon/calibrate equal the library, errors are one line with exit 2,
+and run -> eval -> generate works on a run directory."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from privlm.cli import app
+from privlm.privacy import calibrate_noise_multiplier, epsilon
+
+runner = CliRunner()
+
+
+def _ok(args):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.mark.parametrize("acc", ["pld", "rdp"])
+def test_epsilon_command_equals_library(acc):
+    out = _ok(["epsilon", "--sampling-rate", "0.01", "--noise-multiplier", "1.1", "--rounds", "200",
+               "--delta", "1e-6", "--accountant", acc])
+    assert float(out) == pytest.approx(epsilon(0.01, 1.1, 200, 1e-6, acc), rel=1e-5)
+
+
+def test_calibrate_command():
+    out = _ok(["calibrate", "--target-epsilon", "2", "--sampling-rate", "0.02", "--rounds", "100",
+               "--delta", "1e-5"])
+    z = float(out)
+    assert z == pytest.approx(calibrate_noise_multiplier(2.0, 0.02, 100, 1e-5), rel=1e-5)
+    assert epsilon(0.02, z, 100, 1e-5) <= 2.0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["epsilon", "--sampling-rate", "1.5", "--noise-multiplier", "1", "--rounds", "1", "--delta", "1e-5"],
+     "--sampling-rate"),
+    (["epsilon", "--noise-multiplier", "1", "--rounds", "1", "--delta", "1e-5"], "--sampling-rate is required"),
+    (["run", "--set", "privacy.clip_norm=-3"], "privacy.clip_norm"),
+    (["run", "--set", "federation.roundz=3"], "federation.roundz: unknown key"),
+    (["run", "nonexistent.toml"], "nonexistent.toml: config file not found"),
+    (["eval", "/nonexistent/run"], "not a privlm run directory"),
+    (["run", "--set", "data.source=dir", "--set", "data.path=/nonexistent/x"], "/nonexistent/x"),
+])
+def test_bad_input_is_one_line_exit_2(args, needle):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.output
+    assert "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_run_eval_generate(shared_data, tmp_path):
+    out = tmp_path / "run"
+    text = _ok(["run", "--no-progress", "--out", str(out),
+                "--set", "data.source=tinyshakespeare",
+                "--set", f'data.path="{shared_data / "tinyshakespeare.txt"}"',
+                "--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2",
+                "--set", "model.block_size=32", "--set", "federation.rounds=2",
+                "--set", "federation.clients_per_round=10", "--set", "client.local_steps=2",
+                "--set", "eval.max_clients=20"])
+    assert "run directory" in text and "epsilon=" in text
+    priv = json.loads((out / "privacy.json").read_text())
+    again = _ok(["epsilon", "--ledger", str(out / "privacy.json")])
+    assert float(again) == pytest.approx(priv["epsilon"], rel=1e-5)
+    ev = _ok(["eval", str(out)])
+    assert "round 2" in ev and "accuracy" in ev
+    gen = _ok(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1"])
+    assert gen.startswith("ROMEO:") and len(gen.strip()) > len("ROMEO:")
