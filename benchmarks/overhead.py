@@ -27,7 +27,7 @@ import torch
 from privlm.config import load_config
 from privlm.federated import dp_fedavg
 from privlm.federated.client import make_windows
-from privlm.federated.client import lm_loss
+from privlm.federated.client import lm_loss, make_optimizer
 from privlm.privacy import epsilon_for
 from privlm.privacy.ledger import Ledger
 from privlm.privacy.mechanism import NoiseSource
@@ -86,7 +86,7 @@ def throughput(num_clients: int) -> dict:
     model = sim.model
     xs, ys = zip(*(make_windows(sim.train_tokens[i], model.cfg.block_size) for i in ids))
     x, y = torch.cat(xs), torch.cat(ys)
-    opt = torch.optim.Adam(model.parameters(), lr=sim.cfg.client.lr)
+    opt = make_optimizer(model, sim.local)  # the same optimizer as local training
     B = sim.cfg.client.batch_size
     perm = torch.randperm(x.size(0))
     t = time.perf_counter()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from privlm.privacy.mechanism import add_gaussian_noise, clip_update
+from privlm.privacy.mechanism import add_gaussian_noise, clip_factor, global_l2_norm
 
 Params = dict[str, torch.Tensor]
 
@@ -51,10 +51,12 @@ def validate_update(update: object, reference: Mapping[str, torch.Tensor]) -> st
             return f"{name}: shape {tuple(t.shape)} != expected {tuple(ref.shape)}"
         if t.dtype != ref.dtype:
             return f"{name}: dtype {t.dtype} != expected {ref.dtype}"
-        if not bool(torch.isfinite(t).all()):
-            return f"{name}: contains NaN or Inf"
-        if t.numel() and float(t.abs().max()) > MAX_ABS_VALUE:
-            return f"{name}: values beyond {MAX_ABS_VALUE:g} in magnitude"
+        if t.numel():
+            amax = float(t.detach().abs().amax())  # NaN and Inf propagate into the max
+            if not math.isfinite(amax):
+                return f"{name}: contains NaN or Inf"
+            if amax > MAX_ABS_VALUE:
+                return f"{name}: values beyond {MAX_ABS_VALUE:g} in magnitude"
     return None
 
 
@@ -74,14 +76,18 @@ class RunningSum:
         return cls({k: torch.zeros_like(v) for k, v in params.items()}, clip_norm, norms=[])
 
     def add(self, update: Mapping[str, torch.Tensor], weight: float = 1.0) -> float:
-        """Fold one validated update in; returns its L2 norm before clipping."""
+        """Fold one validated update in; returns its L2 norm before clipping.
+
+        Clipping is the scalar ``min(1, C/norm)`` applied inside the accumulation
+        (``total += factor * update``), so no clipped copy is materialised.
+        """
+        norm = global_l2_norm(update)
+        factor = weight
         if self.clip_norm is not None:
-            update, norm = clip_update(update, self.clip_norm)
+            factor *= clip_factor(norm, self.clip_norm)
             self.clipped += norm > self.clip_norm
-        else:
-            norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in update.values()))
         for k, v in update.items():
-            self.total[k].add_(v, alpha=weight)
+            self.total[k].add_(v, alpha=factor)
         self.count += 1
         self.weight += weight
         if self.norms is not None:

@@ -71,6 +71,14 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str =
     )
 
 
+def make_optimizer(model: nn.Module, cfg: LocalTraining) -> torch.optim.Optimizer:
+    """A fresh local optimizer (no state carried between rounds or clients)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, foreach=True)
+    return torch.optim.Adam(params, lr=cfg.lr, foreach=True)
+
+
 def local_train(
     model: nn.Module,
     global_params: Params,
@@ -83,11 +91,7 @@ def local_train(
     model.train()
     x, y = make_windows(tokens, model.cfg.block_size)
     num_tokens = int((y >= 0).sum())
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr)
-    else:
-        opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = make_optimizer(model, cfg)
 
     def batches():
         while True:  # epochs of shuffled windows
