@@ -42,6 +42,9 @@ def test_calibrate_command():
     (["run", "nonexistent.toml"], "nonexistent.toml: config file not found"),
     (["eval", "/nonexistent/run"], "not a privlm run directory"),
     (["run", "--set", "data.source=dir", "--set", "data.path=/nonexistent/x"], "/nonexistent/x"),
+    (["run", "--set", "data.num_clients=200", "--set", "federation.clients_per_round=50",
+      "--set", "privacy.noise_multiplier=0.3", "--set", "privacy.max_epsilon=0.5"],
+     "privacy.max_epsilon: budget 0.5 is below the cost of a single round"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle):
     res = runner.invoke(app, args)
@@ -68,3 +71,13 @@ def test_run_eval_generate(shared_data, tmp_path):
     assert "round 2" in ev and "accuracy" in ev
     gen = _ok(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1"])
     assert gen.startswith("ROMEO:") and len(gen.strip()) > len("ROMEO:")
+
+
+def test_data_download_command_checks_sums(shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRIVLM_DATA_MIRROR", shared_data.as_uri())
+    out = _ok(["data", "download", "tinyshakespeare", "--to", str(tmp_path / "ts")])
+    assert "verified" in out
+    files = list((tmp_path / "ts").rglob("*.txt"))
+    assert len(files) == 1 and files[0].stat().st_size == 1_115_394
+    res = runner.invoke(app, ["data", "download", "sonnets"])
+    assert res.exit_code == 2 and "sonnets" in res.output

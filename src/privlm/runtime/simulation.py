@@ -35,7 +35,12 @@ from privlm.federated import dp_fedavg
 from privlm.federated.client import LocalTraining, evaluate, get_params, local_train
 from privlm.federated.server_opt import ServerOptimizer
 from privlm.models import GPT, ByteTokenizer, GPTConfig
-from privlm.privacy.accountant import calibrate_noise_multiplier, default_delta, epsilon_for
+from privlm.privacy.accountant import (
+    calibrate_noise_multiplier,
+    default_delta,
+    epsilon_for,
+    round_event,
+)
 from privlm.privacy.guarantee import guarantee_record
 from privlm.privacy.ledger import Ledger
 from privlm.privacy.mechanism import NoiseSource
@@ -83,6 +88,13 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> RunConfig:
     if z is None:
         assert p.target_epsilon is not None
         z = calibrate_noise_multiplier(p.target_epsilon, q, cfg.federation.rounds, delta, p.accountant)
+    budget = p.budget
+    if budget is not None:
+        one = epsilon_for([round_event(q, z)], delta, p.accountant)
+        if one > budget:
+            key = "privacy.max_epsilon" if p.max_epsilon is not None else "privacy.target_epsilon"
+            raise ConfigError(f"{key}: budget {budget:g} is below the cost of a single round "
+                              f"(epsilon {one:.3g} at z={z:.4g}, q={q:.4g}); raise it or the noise")
     new = cfg.model_copy(deep=True)
     new.privacy.delta = delta
     new.privacy.noise_multiplier = z
