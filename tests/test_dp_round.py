@@ -52,7 +52,7 @@ def test_running_sum_of_huge_updates_is_bounded():
 def test_dp_mean_refuses_unclipped_sum():
     rs = RunningSum.zeros_like(_params(), clip_norm=None)
     with pytest.raises(ValueError, match="clipped"):
-        dp_mean(rs, 1.0, 10, torch.Generator())
+        dp_mean(rs, 1.0, 10, np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("bad,reason", [
@@ -119,7 +119,19 @@ def test_poisson_sampling_rate():
 
 def test_secure_noise_differs_seeded_noise_repeats():
     a, b = NoiseSource().generator(1), NoiseSource().generator(1)
-    assert not torch.equal(torch.randn(8, generator=a), torch.randn(8, generator=b))
+    assert not np.array_equal(a.standard_normal(8), b.standard_normal(8))
     a, b = NoiseSource(seed=3).generator(5), NoiseSource(seed=3).generator(5)
-    assert torch.equal(torch.randn(8, generator=a), torch.randn(8, generator=b))
+    assert np.array_equal(a.standard_normal(8), b.standard_normal(8))
+    c = NoiseSource(seed=3).generator(6)
+    assert not np.array_equal(NoiseSource(seed=3).generator(5).standard_normal(8), c.standard_normal(8))
     assert NoiseSource().secure and not NoiseSource(seed=0).secure
+
+
+def test_secure_noise_key_has_128_bits(monkeypatch):
+    """Keys differing only above bit 64 must give different noise (no truncated seed)."""
+    import secrets
+
+    keys = iter([5, 5 + (1 << 100)])
+    monkeypatch.setattr(secrets, "randbits", lambda n: next(keys))
+    a, b = NoiseSource().generator(1), NoiseSource().generator(1)
+    assert not np.array_equal(a.standard_normal(8), b.standard_normal(8))

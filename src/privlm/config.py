@@ -48,7 +48,7 @@ class ClientConfig(_Section):
     local_epochs: int = Field(1, gt=0)
     local_steps: int | None = Field(None, gt=0)  # overrides local_epochs when set
     batch_size: int = Field(8, gt=0)
-    lr: float = Field(3e-3, ge=0)
+    lr: float = Field(3e-3, ge=0, allow_inf_nan=False)
     optimizer: Literal["sgd", "adam"] = "adam"
 
 
@@ -59,7 +59,7 @@ class FederationConfig(_Section):
 
 class ServerConfig(_Section):
     optimizer: Literal["fedavg", "fedadam"] = "fedavg"
-    lr: float = Field(1.0, gt=0)
+    lr: float = Field(1.0, gt=0, allow_inf_nan=False)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
@@ -67,11 +67,11 @@ class ServerConfig(_Section):
 
 class PrivacyConfig(_Section):
     mode: Literal["user", "none"] = "user"
-    clip_norm: float = Field(2.0, gt=0)
-    noise_multiplier: float | None = Field(None, gt=0)
+    clip_norm: float = Field(2.0, gt=0, allow_inf_nan=False)
+    noise_multiplier: float | None = Field(None, gt=0, allow_inf_nan=False)
     target_epsilon: float | None = Field(8.0, gt=0)
     max_epsilon: float | None = Field(None, gt=0)
-    delta: float | None = Field(None, gt=0, lt=1)
+    delta: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
     accountant: Literal["pld", "rdp"] = "pld"
     seeded_noise: bool = False  # tests only: noise and sampling from `seed`
 

@@ -18,6 +18,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from privlm.privacy.mechanism import add_gaussian_noise, clip_factor, global_l2_norm
@@ -99,7 +100,7 @@ def dp_mean(
     clipped_sum: RunningSum,
     noise_multiplier: float,
     expected_clients: float,
-    generator: torch.Generator,
+    generator: np.random.Generator,
 ) -> Params:
     """``(sum of clipped updates + N(0, (zC)^2 I)) / (q N)``: the Gaussian mechanism.
 

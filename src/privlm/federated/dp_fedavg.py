@@ -109,7 +109,7 @@ def apply(
     algo: DPFedAvg,
     state: ServerState,
     contributions: Iterable[Contribution],
-    noise: torch.Generator | None,
+    noise: np.random.Generator | None,
 ) -> tuple[ServerState, RoundStats]:
     """Aggregate a round's contributions (streamed) and step the server optimizer."""
     running = RunningSum.zeros_like(state.params, algo.clip_norm if algo.private else None)

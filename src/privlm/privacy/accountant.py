@@ -84,12 +84,14 @@ def epsilon(
     delta: float,
     kind: AccountantKind = "pld",
 ) -> float:
-    """Epsilon of ``rounds`` DP-FedAvg rounds at (q, z)."""
+    """Epsilon of ``rounds`` DP-FedAvg rounds at (q, z).
+
+    Computed exactly as a run's ledger of ``rounds`` such rounds is (same
+    composed event), so calibration, budget checks and reports agree to the bit.
+    """
     if rounds <= 0:
         return 0.0
-    acc = _fresh(kind)
-    acc.compose(round_event(sampling_rate, noise_multiplier), rounds)
-    return float(acc.get_epsilon(delta))
+    return epsilon_for([round_event(sampling_rate, noise_multiplier)] * rounds, delta, kind)
 
 
 def calibrate_noise_multiplier(
@@ -133,7 +135,7 @@ def calibrate_noise_multiplier(
         bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi),
         tol=tol / 10,
     )
-    z = math.ceil(float(z) / tol) * tol
+    z = round(math.ceil(float(z) / tol) * tol, 12)
     while epsilon(sampling_rate, z, rounds, delta, kind) > target_epsilon:
-        z += tol
-    return round(z, 10)
+        z = round(z + tol, 12)
+    return z  # exactly the value just checked

@@ -39,6 +39,10 @@ def guarantee_record(
             f"C={clip_norm}, Gaussian noise of std {noise_multiplier:.4g}*C on the sum, "
             f"{len(ledger)} rounds, {accountant.upper()} accounting."
         )
+        words += (" Covered: the model checkpoints (and anything computed from them alone)."
+                  " Not covered: the per-round diagnostics in metrics.jsonl and the logs"
+                  " (train_loss, clients, sampled, clipped, rejected, eval_*), which are"
+                  " computed from clients' data without noise: keep them with the operator.")
         if seeded_noise:
             words += " WARNING: noise was seeded (test mode); this guarantee does NOT hold."
     return {
@@ -57,6 +61,8 @@ def guarantee_record(
         "budget_epsilon": budget,
         "secure_noise": not seeded_noise,
         "stopped": stopped,
+        "covers": ["checkpoints/*.safetensors"] if mode == "user" else [],
+        "not_covered": ["metrics.jsonl", "report.html metrics", "logs"],
         "guarantee": words,
         "ledger": ledger.to_list(),
     }

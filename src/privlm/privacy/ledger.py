@@ -83,7 +83,8 @@ class LedgerEntry:
 
     @classmethod
     def from_dict(cls, data: dict) -> LedgerEntry:
-        if not isinstance(data, dict) or not isinstance(data.get("round"), int):
+        rnd = data.get("round") if isinstance(data, dict) else None
+        if not isinstance(rnd, int) or isinstance(rnd, bool):
             raise ValueError(f"ledger entry lacks an integer 'round': {data!r:.80}")
         return cls(round=data["round"], event=event_from_dict(data.get("event")))
 

@@ -14,6 +14,7 @@ import math
 import secrets
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 Update = Mapping[str, torch.Tensor]
@@ -57,13 +58,15 @@ def clip_update(update: Update, clip_norm: float) -> tuple[dict[str, torch.Tenso
 
 
 class NoiseSource:
-    """Hands out one ``torch.Generator`` per round for the noise draw.
+    """Hands out one random generator per round for the noise draw.
 
-    Secure (the default): each generator is seeded with 63 fresh bits from the
-    operating system's CSPRNG (``secrets``), so the noise of a round cannot be
-    predicted from anything the run stores. Seeded (tests only): the seed of
-    round ``r`` is derived from ``(seed, r)``, which makes runs reproducible,
-    including across a resume.
+    Secure (the default): each round's generator is NumPy's Philox counter-based
+    generator keyed with 128 fresh bits from the operating system's CSPRNG
+    (``secrets``), so the noise of a round cannot be predicted or enumerated
+    from anything the run stores. (``torch.Generator`` is not used for noise: its
+    CPU generator keeps only 32 bits of a seed, which an attacker could search.)
+    Seeded (tests only): the key of round ``r`` is derived from ``(seed, r)``,
+    which makes runs reproducible, including across a resume.
     """
 
     def __init__(self, seed: int | None = None) -> None:
@@ -73,29 +76,29 @@ class NoiseSource:
     def secure(self) -> bool:
         return self.seed is None
 
-    def generator(self, round_index: int, stream: str = "noise") -> torch.Generator:
-        g = torch.Generator(device="cpu")
+    def generator(self, round_index: int, stream: str = "noise") -> np.random.Generator:
         if self.seed is None:
-            g.manual_seed(secrets.randbits(63))
+            key = secrets.randbits(128)
         else:
             digest = hashlib.sha256(f"{self.seed}:{stream}:{round_index}".encode()).digest()
-            g.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        return g
+            key = int.from_bytes(digest[:16], "little")
+        return np.random.Generator(np.random.Philox(key=key))
 
 
 def add_gaussian_noise(
-    total: Update, std: float, generator: torch.Generator
+    total: Update, std: float, generator: np.random.Generator
 ) -> dict[str, torch.Tensor]:
     """Return ``total + N(0, std^2 I)``: one independent draw per coordinate.
 
-    Noise is drawn in float32 on the CPU in a fixed order of parameter names,
-    so a seeded generator gives the same noise on every machine.
+    Noise is drawn in float64 and added in float64 before rounding to the
+    tensors' dtype, in a fixed order of parameter names, so a seeded generator
+    gives the same noise on every machine.
     """
-    if std < 0:
-        raise ValueError(f"noise std must be >= 0, got {std}")
+    if not (std >= 0 and math.isfinite(std)):
+        raise ValueError(f"noise std must be finite and >= 0, got {std}")
     noised = {}
     for name in sorted(total):
         t = total[name]
-        noise = torch.randn(t.shape, generator=generator, dtype=torch.float32)
-        noised[name] = t + (noise * std).to(t.dtype)
+        noise = torch.from_numpy(generator.standard_normal(tuple(t.shape)))
+        noised[name] = (t.to(torch.float64) + noise * std).to(t.dtype)
     return noised

@@ -15,6 +15,7 @@ a crash can only over-count spent privacy, never under-count it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
@@ -144,17 +145,31 @@ class Simulation:
                       ) -> Iterator[dp_fedavg.Contribution]:
         """Local training of each sampled client, yielded one at a time (streamed)."""
         for i in ids:
-            # Batch order only (not privacy-relevant): reproducible per (seed, round, client).
-            g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + state.round) * 10_000_019 + i)
-            res = local_train(self.model, state.params, self.train_tokens[i], self.local, g)
+            cid = self.corpus.clients[i].client_id
+            res = local_train(self.model, state.params, self.train_tokens[i], self.local,
+                              self._batch_order(state.round, cid))
             if on_client:
                 on_client()
             yield dp_fedavg.Contribution(
-                client_id=self.corpus.clients[i].client_id,
+                client_id=cid,
                 update=res.update,
                 weight=float(res.num_tokens),
                 train_loss=res.loss_sum / res.steps if res.steps else None,
             )
+
+    def _batch_order(self, round_index: int, client_id: str) -> torch.Generator:
+        """Generator for the order of a client's batches.
+
+        It depends on the client's own id, never on its index in the population
+        (which other users' presence could shift, making one user's presence
+        change another's update); in secure mode it is fresh OS randomness.
+        """
+        if self.cfg.privacy.seeded_noise or not self.algo.private:
+            digest = hashlib.sha256(f"{self.cfg.seed}:batches:{round_index}:{client_id}".encode()).digest()
+            seed = int.from_bytes(digest[:8], "little") >> 1
+        else:
+            seed = secrets.randbits(63)
+        return torch.Generator().manual_seed(seed)
 
     def evaluate(self, params) -> tuple[float, float]:
         loss, acc, _ = evaluate(self.model, params, self.eval_tokens, self.cfg.eval.batch_size)
@@ -199,7 +214,7 @@ class Simulation:
                 if self.algo.private:
                     eps = epsilon_for([*self.ledger.events, event], c.privacy.delta, c.privacy.accountant)
                     budget = c.privacy.budget
-                    if budget is not None and eps > budget * (1 + 1e-9):
+                    if budget is not None and eps > budget:
                         stopped = (f"budget stop: round {r} would raise epsilon to {eps:.4f}, "
                                    f"above the budget {budget:g}; it did not run")
                         break
