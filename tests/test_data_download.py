@@ -18,7 +18,7 @@ from privlm.data.download import (
     download,
     files_for,
 )
-from privlm.data.shakespeare import PLAYS, load_shakespeare
+from privlm.data.mit_shakespeare import PLAYS, load_shakespeare
 from privlm.data.tinyshakespeare import load_tinyshakespeare
 from privlm.errors import DataError
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from privlm.data.clinic import ENTITY_TYPES, PiiSpan, example_text, generate_clinic, generate_clinic_with_pii
 from privlm.data.corpus import ClientData, FederatedCorpus
 from privlm.data.download import data_root, default_data_path, download
-from privlm.data.shakespeare import load_shakespeare
+from privlm.data.mit_shakespeare import load_shakespeare
 from privlm.data.tinyshakespeare import load_tinyshakespeare
 from privlm.data.userdata import load_dir, load_jsonl
 from privlm.errors import DataError

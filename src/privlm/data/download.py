@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Protocol
 
-from privlm.data.shakespeare import PLAYS
+from privlm.data.mit_shakespeare import PLAYS
 from privlm.errors import DataError
 
 DatasetName = Literal["shakespeare", "tinyshakespeare"]

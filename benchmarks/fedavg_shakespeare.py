@@ -5,7 +5,7 @@ Data"), Shakespeare LSTM, FedAvg: 54% test accuracy in 41 rounds at their best s
 (E=5, B=10, C=0.1). Here: privlm's byte-level transformer, 10% of clients per round, held-out
 accuracy on every client's last 20% of lines, evaluated every --eval-every rounds.
 
-    python benchmarks/shakespeare_fedavg.py --data ../shared/data/shakespeare --out benchmarks/out
+    python benchmarks/fedavg_shakespeare.py --data ../shared/data/shakespeare --out benchmarks/out
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main() -> None:
         "wall_seconds": time.time() - t0,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "shakespeare_fedavg.json").write_text(json.dumps(result, indent=2))
+    (args.out / "fedavg_shakespeare.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k not in ("config", "accuracy_by_round")}, indent=2))
 
 
