@@ -9,7 +9,7 @@ Notebook use::
 """
 
 from privlm.config import RunConfig, load_config
-from privlm.errors import BudgetExceeded, ConfigError, DataError, PrivlmError
+from privlm.errors import ConfigError, DataError, PrivlmError
 
 __version__ = "0.1.0"
 
@@ -22,4 +22,4 @@ def __getattr__(name: str):
         return getattr(simulation, name)
     raise AttributeError(f"module 'privlm' has no attribute {name!r}")
 __all__ = ["RunConfig", "RunResult", "load_config", "run", "PrivlmError", "ConfigError",
-           "DataError", "BudgetExceeded", "__version__"]
+           "DataError", "__version__"]

@@ -13,7 +13,3 @@ class ConfigError(PrivlmError):
 
 class DataError(PrivlmError):
     """Input data is missing or malformed; the message names the file (and line)."""
-
-
-class BudgetExceeded(PrivlmError):
-    """A requested computation would spend more privacy budget than allowed."""

@@ -31,7 +31,7 @@ import torch
 from privlm.config import RunConfig
 import privlm.data as _data
 from privlm.data.corpus import FederatedCorpus
-from privlm.errors import BudgetExceeded, ConfigError
+from privlm.errors import ConfigError
 from privlm.federated import dp_fedavg
 from privlm.federated.client import LocalTraining, evaluate, get_params, local_train
 from privlm.federated.server_opt import ServerOptimizer
@@ -294,4 +294,4 @@ def run(cfg: RunConfig, out: Path | None = None, progress: bool = True,
     return Simulation(cfg, corpus).run(out, progress)
 
 
-__all__ = ["RunResult", "Simulation", "run", "build_model", "resolve_privacy", "BudgetExceeded"]
+__all__ = ["RunResult", "Simulation", "run", "build_model", "resolve_privacy"]
