@@ -143,3 +143,37 @@ def test_refuses_to_overwrite_a_run(shared_data, tiny_corpus, tmp_path):
     Simulation(cfg, tiny_corpus).run(tmp_path / "run", progress=False)
     with pytest.raises(DataError, match="already holds a run"):
         Simulation(cfg, tiny_corpus).run(tmp_path / "run", progress=False)
+
+
+def test_ledger_entry_is_on_disk_before_the_parameters_it_pays_for(shared_data, tiny_corpus, tmp_path,
+                                                                   monkeypatch):
+    """Whenever a checkpoint of round r is written, privacy.json on disk already holds r entries,
+    and the ledger entry of round r is on disk before round r's clients are even sampled."""
+    from privlm.federated import dp_fedavg as algo_mod
+    from privlm.rundir import RunDir
+
+    out = tmp_path / "run"
+    seen = []
+    real_save, real_sample = RunDir.save_checkpoint, algo_mod.DPFedAvg.sample_clients
+
+    def ledger_on_disk() -> int:
+        return len(json.loads((out / "privacy.json").read_text())["ledger"])
+
+    def save(self, r, params):
+        seen.append(("checkpoint", r, ledger_on_disk() if r else 0))
+        return real_save(self, r, params)
+
+    def sample(self, rng):
+        seen.append(("sample", None, ledger_on_disk()))
+        return real_sample(self, rng)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", save)
+    monkeypatch.setattr(algo_mod.DPFedAvg, "sample_clients", sample)
+    cfg = _cfg(shared_data, "federation.rounds=3", "federation.clients_per_round=10",
+               "client.local_steps=1", "privacy.noise_multiplier=1.0", "output.checkpoint_every=1")
+    Simulation(cfg, tiny_corpus).run(out, progress=False)
+    samples = [n for kind, _, n in seen if kind == "sample"]
+    assert samples == [1, 2, 3]  # round r's entry is durable before round r samples
+    for kind, r, n in seen:
+        if kind == "checkpoint" and r:
+            assert n >= r
