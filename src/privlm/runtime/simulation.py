@@ -230,13 +230,14 @@ class Simulation:
                     self.noise.generator(r) if self.algo.private else None,
                 )
                 # 3. Release: metrics, checkpoint, privacy.json with the completed count.
-                if r % c.eval.every == 0 or r == c.federation.rounds:
+                evaluated = r % c.eval.every == 0 or r == c.federation.rounds
+                if evaluated:
                     eval_loss, eval_acc = self.evaluate(state.params)
                 row = {
                     "round": r,
                     "train_loss": _num(stats.train_loss),
-                    "eval_loss": _num(eval_loss) if r % c.eval.every == 0 or r == c.federation.rounds else None,
-                    "eval_accuracy": _num(eval_acc) if r % c.eval.every == 0 or r == c.federation.rounds else None,
+                    "eval_loss": _num(eval_loss) if evaluated else None,
+                    "eval_accuracy": _num(eval_acc) if evaluated else None,
                     "epsilon": eps,
                     "clients": stats.clients,
                     "sampled": len(ids),
