@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from privlm.data._split import split_records, train_count
+from privlm.data._common import split_records, train_count
 from privlm.data.mit_shakespeare import PLAYS, load_shakespeare
 from privlm.data.tinyshakespeare import load_tinyshakespeare
 from privlm.errors import DataError

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from privlm.config import load_config
 from privlm.data import load_corpus
-from privlm.privacy import epsilon
+from privlm.privacy import Ledger, epsilon, epsilon_for
 from privlm.runtime.simulation import Simulation
 
 TINY = [
@@ -72,6 +72,7 @@ def test_run_directory_contract(shared_data, tiny_corpus, tmp_path):
     assert priv["unit"] == "user" and priv["rounds_completed"] == 3 and len(priv["ledger"]) == 3
     q = 20 / 245
     assert priv["epsilon"] == pytest.approx(epsilon(q, 1.0, 3, 245**-1.1))
+    assert priv["epsilon"] == epsilon_for(Ledger.from_list(priv["ledger"]), priv["delta"])
     assert rows[-1]["epsilon"] == pytest.approx(priv["epsilon"])
     assert "WARNING" in priv["guarantee"]  # seeded noise is announced
     html = (rd / "report.html").read_text()

@@ -113,9 +113,9 @@ def epsilon(
 def _ledger_epsilon(path: Path, delta: float | None, kind: str) -> tuple[float, float]:
     from privlm.privacy.accountant import epsilon_for
     from privlm.privacy.ledger import Ledger
-    from privlm.rundir import _read_json
+    from privlm.rundir import read_json
 
-    rec = _read_json(path / "privacy.json" if path.is_dir() else path)
+    rec = read_json(path / "privacy.json" if path.is_dir() else path)
     try:
         led = Ledger.from_list(rec.get("ledger"))
     except ValueError as e:

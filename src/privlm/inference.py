@@ -46,4 +46,4 @@ def generate_text(run_dir: Path, prompt: str, max_new_tokens: int = 200,
     ids = tok.encode(prompt or "\n").unsqueeze(0)
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     out = model.generate(ids, max_new_tokens, temperature=temperature, generator=g)
-    return tok.decode(out[0, ids.size(1):]) if not prompt else prompt + tok.decode(out[0, ids.size(1):])
+    return prompt + tok.decode(out[0, ids.size(1):])

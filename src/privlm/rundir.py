@@ -102,7 +102,7 @@ class RunDir:
 
     # -- reading -----------------------------------------------------------
     def read_privacy(self) -> dict:
-        return _read_json(self.privacy_path)
+        return read_json(self.privacy_path)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():
@@ -132,7 +132,7 @@ class RunDir:
             raise DataError(f"{path}: unreadable checkpoint ({e})") from None
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

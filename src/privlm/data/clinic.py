@@ -38,7 +38,7 @@ from typing import TypedDict
 
 from faker import Faker
 
-from privlm.data._split import train_count
+from privlm.data._common import train_count
 from privlm.data.clinic_vocab import (
     ACUTE_PROBLEMS,
     CLINICS,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from privlm.data._split import split_records
+from privlm.data._common import read_utf8, split_records
 from privlm.data.corpus import ClientData, FederatedCorpus
 from privlm.errors import DataError
 
@@ -50,15 +50,7 @@ def parse_play(html_path: Path) -> dict[str, list[str]]:
     Raises :class:`DataError` (naming the file and line) if the file is not
     UTF-8/ASCII text.
     """
-    try:
-        raw = html_path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{html_path}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line_no = raw.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{html_path}:{line_no}: not valid UTF-8 text") from exc
+    text = read_utf8(html_path)
 
     roles: dict[str, list[str]] = {}
     speaker: str | None = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from privlm.data._split import split_records
+from privlm.data._common import read_utf8, split_records
 from privlm.data.corpus import ClientData, FederatedCorpus
 from privlm.errors import DataError
 
@@ -47,15 +47,7 @@ def parse_speeches(file: Path) -> dict[str, list[str]]:
     Raises :class:`DataError` naming the file and line for non-UTF-8 text or a
     block whose first line is not ``NAME:``.
     """
-    try:
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{file}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line_no = raw.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{file}:{line_no}: not valid UTF-8 text") from exc
+    text = read_utf8(file)
 
     speeches: dict[str, list[str]] = {}
     speaker: str | None = None  # speaker of the block being read, None between blocks

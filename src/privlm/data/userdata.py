@@ -29,7 +29,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from privlm.data._split import split_records
+from privlm.data._common import split_records
 from privlm.data.corpus import ClientData, FederatedCorpus
 from privlm.errors import DataError
 

@@ -70,11 +70,10 @@ class RunningSum:
     count: int = 0
     weight: float = 0.0
     clipped: int = 0  # how many updates had norm > clip_norm
-    norms: list[float] | None = None
 
     @classmethod
     def zeros_like(cls, params: Mapping[str, torch.Tensor], clip_norm: float | None) -> RunningSum:
-        return cls({k: torch.zeros_like(v) for k, v in params.items()}, clip_norm, norms=[])
+        return cls({k: torch.zeros_like(v) for k, v in params.items()}, clip_norm)
 
     def add(self, update: Mapping[str, torch.Tensor], weight: float = 1.0) -> float:
         """Fold one validated update in; returns its L2 norm before clipping.
@@ -91,8 +90,6 @@ class RunningSum:
             self.total[k].add_(v, alpha=factor)
         self.count += 1
         self.weight += weight
-        if self.norms is not None:
-            self.norms.append(norm)
         return norm
 
 

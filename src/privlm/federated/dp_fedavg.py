@@ -95,7 +95,6 @@ class RoundStats:
     clients: int  # contributions aggregated
     rejected: int  # malformed contributions dropped
     clipped: int  # contributions whose norm exceeded C
-    mean_norm: float  # mean pre-clip update norm (NaN if none): NOT private, local debug only
     train_loss: float  # mean client training loss (NaN if none)
     rejections: tuple[tuple[str, str], ...] = ()
 
@@ -135,7 +134,6 @@ def apply(
         clients=running.count,
         rejected=len(rejections),
         clipped=running.clipped,
-        mean_norm=float(np.mean(running.norms)) if running.norms else float("nan"),
         train_loss=float(np.mean(losses)) if losses else float("nan"),
         rejections=tuple(rejections),
     )

@@ -21,7 +21,7 @@ from typing import Literal
 import dp_accounting
 from dp_accounting import pld, rdp
 
-from privlm.privacy.ledger import Ledger
+from privlm.privacy.ledger import Ledger, compose_events
 
 AccountantKind = Literal["pld", "rdp"]
 
@@ -60,21 +60,13 @@ def epsilon_for(
     events: Iterable[dp_accounting.DpEvent] | Ledger, delta: float, kind: AccountantKind = "pld"
 ) -> float:
     """Epsilon at ``delta`` of composing ``events`` (a ledger or any events)."""
-    ledger = events if isinstance(events, Ledger) else Ledger(
-        _entries_from_events(events)
-    )
-    if len(ledger) == 0:
+    events = events.events if isinstance(events, Ledger) else list(events)
+    if not events:
         return 0.0
     acc = _fresh(kind)
-    acc.compose(ledger.composed_event())
+    acc.compose(compose_events(events))
     eps = float(acc.get_epsilon(delta))
     return eps if math.isfinite(eps) else math.inf
-
-
-def _entries_from_events(events):
-    from privlm.privacy.ledger import LedgerEntry
-
-    return [LedgerEntry(i + 1, e) for i, e in enumerate(events)]
 
 
 def epsilon(

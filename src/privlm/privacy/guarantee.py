@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-from privlm.privacy.accountant import epsilon_for
 from privlm.privacy.ledger import Ledger
 
 
@@ -12,6 +11,7 @@ def guarantee_record(
     *,
     mode: str,
     ledger: Ledger,
+    epsilon: float,
     delta: float,
     accountant: str,
     noise_multiplier: float | None,
@@ -24,12 +24,17 @@ def guarantee_record(
     budget: float | None,
     stopped: str | None = None,
 ) -> dict:
-    """The content of ``privacy.json``. ``epsilon`` is recomputed from ``ledger``."""
+    """The content of ``privacy.json``.
+
+    ``epsilon`` must be ``epsilon_for(ledger, delta, accountant)``: the caller
+    computes it once per ledger change (it is the budget check's number) and
+    this record is checked against it in tests; ``privlm epsilon --ledger``
+    recomputes it from the stored ledger.
+    """
+    eps = epsilon
     if mode == "none":
-        eps = math.inf
         words = "No differential privacy: this model was trained without clipping or noise."
     else:
-        eps = epsilon_for(ledger, delta, accountant)  # type: ignore[arg-type]
         words = (
             f"User-level ({eps:.3g}, {delta:.3g})-differential privacy: for any one client "
             f"(user) of the {num_clients} in the population, adding or removing all of that "

@@ -71,6 +71,24 @@ def event_from_dict(data: dict) -> dp_accounting.DpEvent:
     return cls(**kwargs)
 
 
+def compose_events(events: Iterable[dp_accounting.DpEvent]) -> dp_accounting.DpEvent:
+    """All events as one ``ComposedDpEvent``, runs of equal events self-composed.
+
+    Run-length encoding makes PLD composition of thousands of identical rounds
+    fast (one self-composition instead of thousands of convolutions) and is
+    exact: composing ``k`` copies of an event is what
+    ``SelfComposedDpEvent(event, k)`` means.
+    """
+    runs: list[list] = []
+    for e in events:
+        if runs and runs[-1][0] == e:
+            runs[-1][1] += 1
+        else:
+            runs.append([e, 1])
+    parts = [ev if k == 1 else dp_accounting.SelfComposedDpEvent(ev, k) for ev, k in runs]
+    return dp_accounting.ComposedDpEvent(parts)
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
     """One round's privacy cost: the round number and what the mechanism was."""
@@ -119,23 +137,6 @@ class Ledger:
     @property
     def events(self) -> list[dp_accounting.DpEvent]:
         return [e.event for e in self._entries]
-
-    def composed_event(self) -> dp_accounting.DpEvent:
-        """All events as one ``ComposedDpEvent``, runs of equal events self-composed.
-
-        Run-length encoding makes PLD composition of thousands of identical
-        rounds fast (one self-composition instead of thousands of convolutions)
-        and is exact: composing ``k`` copies of an event is what
-        ``SelfComposedDpEvent(event, k)`` means.
-        """
-        runs: list[list] = []
-        for e in self.events:
-            if runs and runs[-1][0] == e:
-                runs[-1][1] += 1
-            else:
-                runs.append([e, 1])
-        parts = [ev if k == 1 else dp_accounting.SelfComposedDpEvent(ev, k) for ev, k in runs]
-        return dp_accounting.ComposedDpEvent(parts)
 
     def to_list(self) -> list[dict]:
         return [e.to_dict() for e in self._entries]

@@ -139,6 +139,8 @@ class Simulation:
                                    c.client.lr, c.client.optimizer)
         self.noise = NoiseSource(c.seed if c.privacy.seeded_noise else None)
         self.ledger = Ledger()
+        # epsilon_for(self.ledger): updated whenever the ledger grows, never set otherwise.
+        self.epsilon = 0.0 if self.algo.private else math.inf
 
     # -- pieces --------------------------------------------------------------
     def contributions(self, state: dp_fedavg.ServerState, ids: list[int], on_client=None
@@ -178,7 +180,8 @@ class Simulation:
     def privacy_record(self, rounds_completed: int, stopped: str | None = None) -> dict:
         p = self.cfg.privacy
         return guarantee_record(
-            mode=p.mode, ledger=self.ledger, delta=p.delta or 0.0, accountant=p.accountant,
+            mode=p.mode, ledger=self.ledger, epsilon=self.epsilon, delta=p.delta or 0.0,
+            accountant=p.accountant,
             noise_multiplier=p.noise_multiplier, clip_norm=p.clip_norm,
             sampling_rate=self.algo.sampling_rate, num_clients=self.algo.num_clients,
             clients_per_round=self.algo.clients_per_round, rounds_completed=rounds_completed,
@@ -219,6 +222,8 @@ class Simulation:
                                    f"above the budget {budget:g}; it did not run")
                         break
                 self.ledger.append(r, event)
+                if eps is not None:
+                    self.epsilon = eps  # the ledger now is exactly what the check composed
                 rd.write_privacy(self.privacy_record(r - 1))
                 # 2. Sample, train, aggregate (streamed), noise, server step.
                 ids = self.algo.sample_clients(_sampling_rng(c, r))

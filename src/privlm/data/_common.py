@@ -1,4 +1,6 @@
-"""The per-client train/test split shared by every data source.
+"""Pieces shared by the data sources: reading a text file, and the train/test split.
+
+The split:
 
 LEAF and McMahan et al. (2017) hold out the *last* part of each client's text:
 the first 80% of a client's records (lines, speeches, notes) train, the rest
@@ -9,6 +11,22 @@ shuffling) means the test text is "what this data owner wrote later".
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+
+from privlm.errors import DataError
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; a :class:`DataError` naming the file (and line) if unreadable or not UTF-8."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line_no}: not valid UTF-8 text") from exc
 
 
 def train_count(n: int) -> int:
