@@ -135,3 +135,16 @@ def test_secure_noise_key_has_128_bits(monkeypatch):
     monkeypatch.setattr(secrets, "randbits", lambda n: next(keys))
     a, b = NoiseSource().generator(1), NoiseSource().generator(1)
     assert not np.array_equal(a.standard_normal(8), b.standard_normal(8))
+
+
+def test_fedavgm_applies_server_momentum():
+    from privlm.federated.server_opt import ServerOptimizer
+
+    opt = ServerOptimizer("fedavgm", lr=0.5, beta1=0.9)
+    params = {"w": torch.zeros(3)}
+    u = {"w": torch.tensor([1.0, -2.0, 0.0])}
+    state = opt.init(params)
+    p1, state = opt.apply(params, state, u)
+    p2, state = opt.apply(p1, state, u)
+    assert torch.allclose(p1["w"], 0.5 * u["w"])
+    assert torch.allclose(p2["w"], p1["w"] + 0.5 * (0.9 * u["w"] + u["w"]))

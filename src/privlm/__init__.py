@@ -16,10 +16,10 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # Lazy: importing privlm should not pull in torch until a run is asked for.
-    if name in ("run", "RunResult"):
+    if name in ("run", "resume", "RunResult"):
         from privlm.runtime import simulation
 
         return getattr(simulation, name)
     raise AttributeError(f"module 'privlm' has no attribute {name!r}")
-__all__ = ["RunConfig", "RunResult", "load_config", "run", "PrivlmError", "ConfigError",
+__all__ = ["RunConfig", "RunResult", "load_config", "run", "resume", "PrivlmError", "ConfigError",
            "DataError", "__version__"]

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from privlm.errors import PrivlmError
 
@@ -33,7 +34,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on
 def _fail(e: Exception) -> None:
     if _state["debug"]:
         raise e
-    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -43,13 +44,23 @@ def run(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default ./runs/<time>).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue the run in this directory from its last durable state.")] = None,
 ) -> None:
     """Train a language model federatedly and write a run directory."""
     from privlm.config import load_config
+    from privlm.rundir import open_run_dir
     from privlm.runtime.simulation import Simulation
 
     try:
-        cfg = load_config(config, set_ or [])
+        if resume is not None:
+            if config is not None or set_ or out is not None:
+                raise PrivlmError("--resume: give no CONFIG, --set or --out; a resumed run uses "
+                                  "its own config.toml and directory")
+            out = resume
+            cfg = load_config(open_run_dir(resume).config_path, [])
+        else:
+            cfg = load_config(config, set_ or [])
         sim = Simulation(cfg)
         st = sim.corpus.stats()
         p = sim.cfg.privacy
@@ -61,7 +72,9 @@ def run(
                           f"budget epsilon={p.budget}")
         else:
             console.print("[yellow]privacy: none (plain FedAvg): no guarantee[/]")
-        res = sim.run(out, progress=not no_progress)
+        if resume is not None:
+            console.print(f"resuming {resume}")
+        res = sim.run(out, progress=not no_progress, resume=resume is not None)
     except PrivlmError as e:
         _fail(e)
         return

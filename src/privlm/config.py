@@ -1,7 +1,11 @@
 """Run configuration: TOML validated by pydantic, with dotted ``--set`` overrides.
 
 Every section forbids unknown keys, so a typo is an error that names the key,
-never a silently ignored setting.
+never a silently ignored setting. Every problem - unreadable or oversized file,
+invalid TOML, a malformed ``--set``, a bad value - is a :class:`ConfigError`
+whose message is one line and names the file or ``--set`` item and the dotted
+key; values shown in it are cut short, and control characters (a line break
+in a key, say) are shown escaped.
 """
 
 from __future__ import annotations
@@ -9,12 +13,50 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from privlm.errors import ConfigError
+
+#: Largest config file read (bytes): a config is a few hundred bytes; this
+#: keeps a path such as /dev/zero from being read until memory runs out.
+MAX_CONFIG_BYTES = 1 << 20
+#: Upper bound of every count and size key (rounds, clients, dimensions...):
+#: far above any workable value, and keeps numbers within 32-bit ints for
+#: torch and numpy.
+MAX_COUNT = 2**31 - 1
+_SHOWN_CHARS = 60  # longest value shown in an error message
+
+
+def _check_path(value: object) -> object:
+    """Refuse path strings that name nothing: empty, or with a NUL byte."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("path must not be empty")
+        if "\x00" in value:
+            raise ValueError("path must not contain a NUL character")
+    return value
+
+
+_OptPath = Annotated[Path | None, BeforeValidator(_check_path)]
+
+
+def _count(default: int | None, **kw: Any) -> Any:
+    return Field(default, gt=0, le=MAX_COUNT, **kw)
+
+
+def _printable(text: str) -> str:
+    """``text`` with line breaks and other non-printable characters escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
 class _Section(BaseModel):
@@ -25,16 +67,16 @@ class DataConfig(_Section):
     source: Literal["synthetic-clinic", "shakespeare", "tinyshakespeare", "dir", "jsonl"] = (
         "synthetic-clinic"
     )
-    path: Path | None = None  # shakespeare/tinyshakespeare: default is the download cache
-    num_clients: int = Field(5000, gt=0)  # generated corpora only
+    path: _OptPath = None  # shakespeare/tinyshakespeare: default is the download cache
+    num_clients: int = _count(5000)  # generated corpora only
 
 
 class ModelConfig(_Section):
     kind: Literal["transformer"] = "transformer"
-    block_size: int = Field(64, gt=1)
-    n_layer: int = Field(2, gt=0)
-    n_head: int = Field(4, gt=0)
-    n_embd: int = Field(64, gt=0)
+    block_size: int = Field(64, gt=1, le=MAX_COUNT)
+    n_layer: int = _count(2)
+    n_head: int = _count(4)
+    n_embd: int = _count(64)
     dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
@@ -45,24 +87,24 @@ class ModelConfig(_Section):
 
 
 class ClientConfig(_Section):
-    local_epochs: int = Field(1, gt=0)
-    local_steps: int | None = Field(None, gt=0)  # overrides local_epochs when set
-    batch_size: int = Field(8, gt=0)
+    local_epochs: int = _count(1)
+    local_steps: int | None = _count(None)  # overrides local_epochs when set
+    batch_size: int = _count(8)
     lr: float = Field(3e-3, ge=0, allow_inf_nan=False)
     optimizer: Literal["sgd", "adam"] = "adam"
 
 
 class FederationConfig(_Section):
-    rounds: int = Field(50, gt=0)
-    clients_per_round: int = Field(100, gt=0)  # expected number, q*N, under DP
+    rounds: int = _count(50)
+    clients_per_round: int = _count(100)  # expected number, q*N, under DP
 
 
 class ServerConfig(_Section):
-    optimizer: Literal["fedavg", "fedadam"] = "fedavg"
+    optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
     lr: float = Field(1.0, gt=0, allow_inf_nan=False)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)
+    tau: float = Field(1e-3, gt=0, allow_inf_nan=False)
 
 
 class PrivacyConfig(_Section):
@@ -92,18 +134,18 @@ class PrivacyConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every: int = Field(1, gt=0)  # evaluate every k rounds (and after the last)
-    max_clients: int | None = Field(200, gt=0)  # held-out clients used for per-round metrics
-    batch_size: int = Field(64, gt=0)
+    every: int = _count(1)  # evaluate every k rounds (and after the last)
+    max_clients: int | None = _count(200)  # held-out clients used for per-round metrics
+    batch_size: int = _count(64)
 
 
 class OutputConfig(_Section):
-    dir: Path | None = None  # default: ./runs/<timestamp>
-    checkpoint_every: int = Field(10, gt=0)
+    dir: _OptPath = None  # default: ./runs/<timestamp>
+    checkpoint_every: int = _count(10)
 
 
 class RunConfig(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # numpy wants >= 0; TOML ints are 64-bit
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
@@ -125,12 +167,13 @@ def _drop_none(d: Any) -> Any:
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    # An empty key (TOML allows ``"" = 1``) is shown as ""; an absurdly long one is cut short.
+    key = ".".join(_short(str(p)) if str(p) else '""' for p in first["loc"]) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     value = first.get("input")
-    shown = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {_short(repr(value))})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
     return f"{source}: {key}: {msg}{shown}{more}"
 
@@ -142,16 +185,27 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     arrays, ``inf``); anything that is not valid TOML is taken as a string.
     """
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        raise ConfigError(f"--set {_short(repr(item))}: expected KEY=VALUE")
     key, raw = item.split("=", 1)
     path = [p for p in key.strip().split(".")]
     if not all(path):
-        raise ConfigError(f"--set {item!r}: bad key {key!r}")
+        raise ConfigError(f"--set {_short(repr(item))}: bad key {_short(repr(key))}")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except (ValueError, RecursionError) as e:  # a number of > 4300 digits; arrays nested too deep
+        raise ConfigError(f"--set {_short(key.strip())}: value {_short(raw.strip())!r} cannot be read: "
+                          f"{_toml_problem(e)}") from None
     return path, value
+
+
+def _toml_problem(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    if "integer string conversion" in str(e):
+        return "a number with too many digits"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -161,27 +215,60 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a section")
+                raise ConfigError(f"--set {_short(repr(item))}: {part} is not a section")
             node = child
         node[path[-1]] = value
     return data
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read ``path`` (TOML; None = defaults), apply ``overrides``, validate."""
+    """Read ``path`` (TOML; None = defaults), apply ``overrides``, validate.
+
+    Raises :class:`ConfigError` (one line, naming the file or key) for every problem.
+    """
+    try:
+        return _load(path, overrides or [])
+    except ConfigError as e:
+        message = str(e)
+        if message.isprintable():
+            raise
+        raise ConfigError(_printable(message)) from None
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    except ValueError as e:  # a NUL byte in the path
+        raise ConfigError(f"{path}: cannot read config file: {e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is larger than {MAX_CONFIG_BYTES:,} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (line {line})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{path}: invalid TOML: {_toml_problem(e)}") from None
+
+
+def _load(path: Path | None, overrides: list[str]) -> RunConfig:
     data: dict = {}
     source = "config"
     if path is not None:
         source = str(path)
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not UTF-8 text") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    data = apply_overrides(data, overrides or [])
+        data = _read_toml(Path(path))
+    data = apply_overrides(data, overrides)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

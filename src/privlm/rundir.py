@@ -4,7 +4,10 @@
     metrics.jsonl                       one JSON object per round
     privacy.json                        the ledger and the guarantee it implies
     checkpoints/round-NNNN.safetensors  global parameters (round 0 = initial)
+    state.safetensors                   resume state: the last completed round's
+                                        parameters and server-optimizer state
     report.html                         self-contained report
+    .lock                               held (flock) by the live run, if any
 
 Every file is written atomically (temp file in the same directory, fsync,
 rename, fsync of the directory), so a crash leaves either the old or the new
@@ -13,6 +16,7 @@ version, never a torn one. Only safetensors, JSON and TOML are read back.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -20,16 +24,18 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from privlm.errors import DataError
+from privlm.faults import fault_point
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, fault: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -38,6 +44,9 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("mid-write")  # crash tests: die with the temp file complete, not renamed
+        if fault:
+            fault_point(fault)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -56,6 +65,7 @@ def default_run_dir() -> Path:
 class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._lock_fd: int | None = None
 
     # -- paths -------------------------------------------------------------
     @property
@@ -74,14 +84,51 @@ class RunDir:
     def report_path(self) -> Path:
         return self.path / "report.html"
 
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state.safetensors"
+
     def checkpoint_path(self, round_index: int) -> Path:
         return self.path / "checkpoints" / f"round-{round_index:04d}.safetensors"
+
+    # -- ownership -----------------------------------------------------------
+    def lock(self) -> None:
+        """Take the directory's lock, or refuse: one live run per directory.
+
+        An ``flock`` on ``.lock``: the kernel drops it when the process dies,
+        however it dies, so a crashed run never leaves a stale lock behind.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataError(f"{self.path}: in use by a live run (pid {holder}); "
+                            "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def remove_partial_writes(self) -> list[Path]:
+        """Delete temp files that a crash left mid-``atomic_write`` (never read)."""
+        found = [*self.path.glob(".*.tmp"), *(self.path / "checkpoints").glob(".*.tmp")]
+        for p in found:
+            p.unlink(missing_ok=True)
+        return found
 
     # -- writing -----------------------------------------------------------
     def create(self) -> None:
         """Make a fresh run directory; refuse one that already holds a run."""
-        if self.privacy_path.exists() or self.metrics_path.exists():
-            raise DataError(f"{self.path}: already holds a run; choose another --out")
+        if self.privacy_path.exists() or self.metrics_path.exists() or self.state_path.exists():
+            raise DataError(f"{self.path}: already holds a run; choose another --out "
+                            "(or continue it with --resume)")
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def write_config(self, toml_text: str) -> None:
@@ -97,10 +144,44 @@ class RunDir:
     def save_checkpoint(self, round_index: int, params: dict[str, torch.Tensor]) -> Path:
         path = self.checkpoint_path(round_index)
         tensors = {k: v.detach().contiguous() for k, v in params.items()}
-        atomic_write(path, save(tensors, metadata={"round": str(round_index)}))
+        atomic_write(path, save(tensors, metadata={"round": str(round_index)}), "mid-write-checkpoint")
         return path
 
+    def save_state(self, round_index: int, params: dict[str, torch.Tensor],
+                   opt_state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """The resume state after ``round_index``: parameters and server-optimizer slots."""
+        tensors = {f"params/{k}": v.detach().contiguous() for k, v in params.items()}
+        for slot, values in opt_state.items():
+            tensors.update({f"opt/{slot}/{k}": v.detach().contiguous() for k, v in values.items()})
+        atomic_write(self.state_path, save(tensors, metadata={"round": str(round_index)}))
+
     # -- reading -----------------------------------------------------------
+    def load_state(self) -> tuple[int, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+        """Inverse of :meth:`save_state`; a missing or corrupt file is an error, never a fresh start."""
+        path = self.state_path
+        if not path.exists():
+            raise DataError(f"{path}: no resume state (the run never completed a round "
+                            "with this version of privlm); start a new run instead")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            round_index = int(meta["round"])
+        except Exception as e:  # safetensors raises its own error types
+            raise DataError(f"{path}: corrupt resume state ({type(e).__name__}: {e})") from None
+        params: dict[str, torch.Tensor] = {}
+        opt_state: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            kind, _, rest = key.partition("/")
+            if kind == "params":
+                params[rest] = t
+            elif kind == "opt" and "/" in rest:
+                slot, _, name = rest.partition("/")
+                opt_state.setdefault(slot, {})[name] = t
+            else:
+                raise DataError(f"{path}: corrupt resume state (unexpected tensor {key!r})")
+        return round_index, params, opt_state
+
     def read_privacy(self) -> dict:
         return read_json(self.privacy_path)
 

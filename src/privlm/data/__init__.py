@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from privlm.data._common import MAX_FILE_BYTES, MAX_LINE_CHARS, data_error
 from privlm.data.clinic import ENTITY_TYPES, PiiSpan, example_text, generate_clinic, generate_clinic_with_pii
 from privlm.data.corpus import ClientData, FederatedCorpus
 from privlm.data.download import data_root, default_data_path, download
@@ -27,6 +28,8 @@ SOURCES: tuple[str, ...] = ("synthetic-clinic", "shakespeare", "tinyshakespeare"
 
 __all__ = [
     "ENTITY_TYPES",
+    "MAX_FILE_BYTES",
+    "MAX_LINE_CHARS",
     "SOURCES",
     "ClientData",
     "FederatedCorpus",
@@ -59,7 +62,7 @@ def load_corpus(source: str, path: Path | None, num_clients: int, seed: int) -> 
         if path is None:
             path = default_data_path(source)
             if not path.exists():
-                raise DataError(
+                raise data_error(
                     f"{source} data not found at {path}; run `privlm data download {source}` or set data.path"
                 )
         loader = load_shakespeare if source == "shakespeare" else load_tinyshakespeare

@@ -22,9 +22,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from privlm.data._common import read_utf8, split_records
+from privlm.data._common import check_line_length, data_error, read_utf8, split_records
 from privlm.data.corpus import ClientData, FederatedCorpus
-from privlm.errors import DataError
 
 #: The 37 play directories of the MIT Shakespeare snapshot, in sorted order.
 PLAYS: tuple[str, ...] = (
@@ -47,14 +46,15 @@ _DOWNLOAD_HINT = "run `privlm data download shakespeare` or set data.path"
 def parse_play(html_path: Path) -> dict[str, list[str]]:
     """Return ``{SPEAKER: [line, ...]}`` for one ``full.html``, lines in play order.
 
-    Raises :class:`DataError` (naming the file and line) if the file is not
-    UTF-8/ASCII text.
+    Raises :class:`~privlm.errors.DataError` (naming the file and line) if the
+    file is not UTF-8/ASCII text or has a line longer than ``MAX_LINE_CHARS``.
     """
     text = read_utf8(html_path)
 
     roles: dict[str, list[str]] = {}
     speaker: str | None = None
-    for line in text.splitlines():
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        check_line_length(html_path, line_no, line)
         if line.startswith("<A NAME="):
             m = _LINE_RE.match(line)
             if m is not None:
@@ -74,19 +74,22 @@ def parse_play(html_path: Path) -> dict[str, list[str]]:
 def _play_files(path: Path) -> list[tuple[str, Path]]:
     """The ``(play, full.html)`` pairs under ``path``, sorted by play name."""
     if not path.exists():
-        raise DataError(f"Shakespeare data not found at {path}; {_DOWNLOAD_HINT}")
+        raise data_error(f"Shakespeare data not found at {path}; {_DOWNLOAD_HINT}")
     if not path.is_dir():
-        raise DataError(
+        raise data_error(
             f"Shakespeare data path {path} is not a directory of <play>/full.html files; "
             f"{_DOWNLOAD_HINT}"
         )
-    plays = sorted(
-        (child.name, child / "full.html")
-        for child in path.iterdir()
-        if child.is_dir() and (child / "full.html").is_file()
-    )
+    try:
+        plays = sorted(
+            (child.name, child / "full.html")
+            for child in path.iterdir()
+            if child.is_dir() and (child / "full.html").is_file()
+        )
+    except OSError as exc:
+        raise data_error(f"{path}: cannot list the directory: {exc.strerror or exc}") from exc
     if not plays:
-        raise DataError(f"no Shakespeare plays (<play>/full.html) found in {path}; {_DOWNLOAD_HINT}")
+        raise data_error(f"no Shakespeare plays (<play>/full.html) found in {path}; {_DOWNLOAD_HINT}")
     return plays
 
 
@@ -112,6 +115,12 @@ def load_shakespeare(path: Path) -> FederatedCorpus:
                 continue
             train, test = split_records(lines)
             clients.append(ClientData(client_id=f"{play}/{speaker}", train=train, test=test))
+    if not clients:
+        raise data_error(
+            f"{path}: no speaking role has at least {_MIN_LINES} lines in "
+            f"{', '.join(str(f) for _, f in plays[:3])}{' ...' if len(plays) > 3 else ''}; "
+            "is this the MIT Shakespeare HTML?"
+        )
     clients.sort(key=lambda c: c.client_id)
     info = {
         "source": "shakespeare",

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from privlm.data._common import read_utf8, split_records
+from privlm.data._common import check_line_length, data_error, read_utf8, split_records
 from privlm.data.corpus import ClientData, FederatedCorpus
-from privlm.errors import DataError
 
 #: File names looked for when ``path`` is a directory, in order.
 FILE_NAMES: tuple[str, ...] = ("tinyshakespeare.txt", "input.txt")
@@ -35,17 +34,18 @@ def _resolve_file(path: Path) -> Path:
             candidate = path / name
             if candidate.is_file():
                 return candidate
-        raise DataError(
+        raise data_error(
             f"no {' or '.join(FILE_NAMES)} found in {path}; {_DOWNLOAD_HINT}"
         )
-    raise DataError(f"tinyshakespeare data not found at {path}; {_DOWNLOAD_HINT}")
+    raise data_error(f"tinyshakespeare data not found at {path}; {_DOWNLOAD_HINT}")
 
 
 def parse_speeches(file: Path) -> dict[str, list[str]]:
     """Return ``{SPEAKER: [speech, ...]}`` in file order for a tiny-shakespeare file.
 
-    Raises :class:`DataError` naming the file and line for non-UTF-8 text or a
-    block whose first line is not ``NAME:``.
+    Raises :class:`~privlm.errors.DataError` naming the file and line for
+    non-UTF-8 text, a line longer than ``MAX_LINE_CHARS``, or a block whose
+    first line is not ``NAME:``.
     """
     text = read_utf8(file)
 
@@ -58,6 +58,7 @@ def parse_speeches(file: Path) -> dict[str, list[str]]:
             speeches.setdefault(speaker, []).append("\n".join(body))
 
     for line_no, line in enumerate(text.splitlines(), start=1):
+        check_line_length(file, line_no, line)
         if not line.strip():
             close_block()
             speaker, body = None, []
@@ -65,7 +66,7 @@ def parse_speeches(file: Path) -> dict[str, list[str]]:
             name = line.strip()
             if not name.endswith(":") or len(name) < 2:
                 shown = name if len(name) <= 60 else name[:57] + "..."
-                raise DataError(
+                raise data_error(
                     f"{file}:{line_no}: expected a speaker line 'NAME:' to start a block, "
                     f"got {shown!r}"
                 )
@@ -85,13 +86,17 @@ def load_tinyshakespeare(path: Path) -> FederatedCorpus:
     file = _resolve_file(Path(path))
     speeches = parse_speeches(file)
     if not speeches:
-        raise DataError(f"{file}: no speech blocks found; {_DOWNLOAD_HINT}")
+        raise data_error(f"{file}: no speech blocks found; {_DOWNLOAD_HINT}")
     clients: list[ClientData] = []
     for speaker, blocks in sorted(speeches.items()):
         if len(blocks) < _MIN_BLOCKS:
             continue
         train, test = split_records(blocks)
         clients.append(ClientData(client_id=speaker, train=train, test=test))
+    if not clients:
+        raise data_error(
+            f"{file}: no speaker has at least {_MIN_BLOCKS} speeches, so there is no client to train on"
+        )
     info = {
         "source": "tinyshakespeare",
         "speakers": len(speeches),

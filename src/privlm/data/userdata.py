@@ -20,7 +20,12 @@ held-out metrics). Blank lines, and rows whose ``text`` is blank, are not
 records; a client with no records at all is an error.
 
 All problems raise :class:`DataError` with a one-line message that names the
-file and, where it applies, the line (``file:line: ...``).
+file and, where it applies, the line (``file:line: ...``). Limits: a line (so
+also a JSON-lines record) may hold at most :data:`MAX_LINE_CHARS` characters;
+files are read line by line, so a longer line is refused after reading at most
+about 4 MB of it, never loaded whole. Text and client ids must be valid
+Unicode (a JSON ``"\\ud800"`` escape is not), and a client file's name must be
+valid UTF-8.
 """
 
 from __future__ import annotations
@@ -29,12 +34,11 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from privlm.data._common import split_records
+from privlm.data._common import MAX_LINE_CHARS, check_line_length, data_error, split_records
 from privlm.data.corpus import ClientData, FederatedCorpus
-from privlm.errors import DataError
 
-#: Longest accepted line, in characters.
-MAX_LINE_CHARS = 1_000_000
+__all__ = ["MAX_LINE_CHARS", "load_dir", "load_jsonl"]
+
 # A line of at most MAX_LINE_CHARS characters is at most 4 bytes a character
 # in UTF-8, plus a "\r\n" terminator; reading one byte more detects overlong lines
 # without loading them whole.
@@ -48,20 +52,23 @@ def _iter_lines(file: Path) -> Iterator[tuple[int, str]]:
     try:
         handle = file.open("rb")
     except OSError as exc:
-        raise DataError(f"{file}: cannot read: {exc.strerror or exc}") from exc
+        raise data_error(f"{file}: cannot read: {exc.strerror or exc}") from exc
     with handle:
         line_no = 0
         while True:
-            raw = handle.readline(_MAX_LINE_BYTES + 1)
+            try:
+                raw = handle.readline(_MAX_LINE_BYTES + 1)
+            except OSError as exc:
+                raise data_error(f"{file}:{line_no + 1}: cannot read: {exc.strerror or exc}") from exc
             if not raw:
                 return
             line_no += 1
             if len(raw) > _MAX_LINE_BYTES:
-                raise DataError(f"{file}:{line_no}: line is longer than {MAX_LINE_CHARS:,} characters")
+                raise data_error(f"{file}:{line_no}: line is longer than {MAX_LINE_CHARS:,} characters")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(
+                raise data_error(
                     f"{file}:{line_no}: not valid UTF-8 (bad byte 0x{raw[exc.start]:02x} "
                     f"at byte {exc.start + 1} of the line); save the file as UTF-8"
                 ) from exc
@@ -71,8 +78,7 @@ def _iter_lines(file: Path) -> Iterator[tuple[int, str]]:
                 line = line[:-1]
             if line_no == 1 and line.startswith("\ufeff"):
                 line = line[1:]  # UTF-8 byte-order mark
-            if len(line) > MAX_LINE_CHARS:
-                raise DataError(f"{file}:{line_no}: line is longer than {MAX_LINE_CHARS:,} characters")
+            check_line_length(file, line_no, line)
             yield line_no, line
 
 
@@ -84,12 +90,23 @@ def _iter_json_rows(file: Path) -> Iterator[tuple[int, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{file}:{line_no}: invalid JSON: {exc.msg} at column {exc.colno}") from exc
+            raise data_error(f"{file}:{line_no}: invalid JSON: {exc.msg} at column {exc.colno}") from exc
+        except RecursionError as exc:
+            raise data_error(f"{file}:{line_no}: invalid JSON: nested too deeply") from exc
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise data_error(f"{file}:{line_no}: invalid JSON: {_first_line(exc)}") from exc
         if not isinstance(row, dict):
-            raise DataError(
+            raise data_error(
                 f"{file}:{line_no}: expected a JSON object per line, got {_json_type(row)}"
             )
         yield line_no, row
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc)
+    if "integer string conversion" in text:
+        return "a number with too many digits"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _json_type(value: object) -> str:
@@ -108,13 +125,27 @@ def _json_type(value: object) -> str:
 
 
 def _string_field(file: Path, line_no: int, row: dict, name: str) -> str:
-    """``row[name]``, which must be present and a string."""
+    """``row[name]``, which must be present and a string of valid Unicode."""
     if name not in row:
-        raise DataError(f"{file}:{line_no}: missing field '{name}'")
+        raise data_error(f"{file}:{line_no}: missing field '{name}'")
     value = row[name]
     if not isinstance(value, str):
-        raise DataError(f"{file}:{line_no}: field '{name}' must be a string, got {_json_type(value)}")
+        raise data_error(f"{file}:{line_no}: field '{name}' must be a string, got {_json_type(value)}")
+    if not _is_unicode(value):
+        raise data_error(
+            f"{file}:{line_no}: field '{name}' is not valid Unicode (it has a lone surrogate "
+            f"such as a JSON \\ud800 escape)"
+        )
     return value
+
+
+def _is_unicode(text: str) -> bool:
+    """False if ``text`` holds a lone surrogate, which no UTF-8 text can (the tokenizer would fail)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _client(client_id: str, records: list[str]) -> ClientData:
@@ -142,28 +173,33 @@ def load_dir(path: Path) -> FederatedCorpus:
     """Load a directory of ``<client_id>.txt`` / ``<client_id>.jsonl`` files, one per client."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"data directory not found: {path}")
+        raise data_error(f"data directory not found: {path}")
     if not path.is_dir():
-        raise DataError(f"{path} is not a directory (data.source 'dir' wants a directory of <client_id>.txt or .jsonl files)")
-    files = sorted(
-        child
-        for child in path.iterdir()
-        if child.suffix in _SUFFIXES and not child.name.startswith(".") and child.is_file()
-    )
+        raise data_error(f"{path} is not a directory (data.source 'dir' wants a directory of <client_id>.txt or .jsonl files)")
+    try:
+        files = sorted(
+            child
+            for child in path.iterdir()
+            if child.suffix in _SUFFIXES and not child.name.startswith(".") and child.is_file()
+        )
+    except OSError as exc:
+        raise data_error(f"{path}: cannot list the directory: {exc.strerror or exc}") from exc
     if not files:
-        raise DataError(f"no <client_id>.txt or <client_id>.jsonl files found in {path}")
+        raise data_error(f"no <client_id>.txt or <client_id>.jsonl files found in {path}")
 
     seen: dict[str, Path] = {}
     clients: list[ClientData] = []
     n_records = 0
     for file in files:
         client_id = file.stem
+        if not _is_unicode(client_id):
+            raise data_error(f"{file}: the file name is not valid UTF-8; rename the file (its name is the client id)")
         if client_id in seen:
-            raise DataError(f"{file}: client '{client_id}' also has the file {seen[client_id]}; keep one file per client")
+            raise data_error(f"{file}: client '{client_id}' also has the file {seen[client_id]}; keep one file per client")
         seen[client_id] = file
         records = _read_txt_records(file) if file.suffix == ".txt" else _read_jsonl_records(file)
         if not records:
-            raise DataError(f"{file}: client '{client_id}' has no text (the file has no non-blank records)")
+            raise data_error(f"{file}: client '{client_id}' has no text (the file has no non-blank records)")
         n_records += len(records)
         clients.append(_client(client_id, records))
     clients.sort(key=lambda c: c.client_id)
@@ -175,26 +211,26 @@ def load_jsonl(path: Path) -> FederatedCorpus:
     """Load one JSON-lines file whose rows are ``{"client_id": ..., "text": ...}``."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"data file not found: {path}")
+        raise data_error(f"data file not found: {path}")
     if not path.is_file():
-        raise DataError(f"{path} is not a file (data.source 'jsonl' wants one .jsonl file)")
+        raise data_error(f"{path} is not a file (data.source 'jsonl' wants one .jsonl file)")
 
     by_client: dict[str, list[str]] = {}
     for line_no, row in _iter_json_rows(path):
         client_id = _string_field(path, line_no, row, "client_id")
         text = _string_field(path, line_no, row, "text")
         if not client_id.strip():
-            raise DataError(f"{path}:{line_no}: field 'client_id' is empty")
+            raise data_error(f"{path}:{line_no}: field 'client_id' is empty")
         records = by_client.setdefault(client_id, [])
         if text.strip():
             records.append(text)
     if not by_client:
-        raise DataError(f"{path}: no rows found (expected JSON lines with 'client_id' and 'text')")
+        raise data_error(f"{path}: no rows found (expected JSON lines with 'client_id' and 'text')")
 
     clients: list[ClientData] = []
     for client_id, records in sorted(by_client.items()):
         if not records:
-            raise DataError(f"{path}: client '{client_id}' has no text (all its rows have a blank 'text')")
+            raise data_error(f"{path}: client {client_id!r} has no text (all its rows have a blank 'text')")
         clients.append(_client(client_id, records))
     info = {
         "source": "jsonl",

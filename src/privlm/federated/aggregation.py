@@ -15,6 +15,7 @@ sample was, so dropped or rejected clients never change the guarantee.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,26 +29,34 @@ Params = dict[str, torch.Tensor]
 # An update with more than this many times the model's elements, or a single
 # value beyond this magnitude, is rejected as absurd before any arithmetic.
 MAX_ABS_VALUE = 1e6
+# Largest FedAvg weight (a client's token count) accepted by validate_weight.
+MAX_WEIGHT = 1e12
 
 
 def validate_update(update: object, reference: Mapping[str, torch.Tensor]) -> str | None:
     """Return why ``update`` is malformed, or ``None`` if it may be aggregated.
 
-    Checks: a mapping of exactly the reference's names; each a tensor with the
-    reference's shape and dtype; all values finite and of sane magnitude.
+    Checks: a mapping of exactly the reference's names; each a dense tensor with
+    the reference's shape, dtype and device; all values finite and of sane
+    magnitude. Never raises, whatever ``update`` is (names a client sent are
+    shown by ``repr``, cut short).
     """
     if not isinstance(update, Mapping):
         return f"update is a {type(update).__name__}, not a mapping of tensors"
     missing = set(reference) - set(update)
     extra = set(update) - set(reference)
     if missing:
-        return f"missing tensors {sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}"
+        return f"missing tensors {_names(missing)}"
     if extra:
-        return f"unexpected tensors {sorted(extra)[:3]}{'...' if len(extra) > 3 else ''}"
+        return f"unexpected tensors {_names(extra)}"
     for name, ref in reference.items():
         t = update[name]
         if not isinstance(t, torch.Tensor):
             return f"{name}: {type(t).__name__} is not a tensor"
+        if t.layout != torch.strided:
+            return f"{name}: layout {t.layout} is not a dense (strided) tensor"
+        if t.device != ref.device:
+            return f"{name}: device {t.device} != expected {ref.device}"
         if t.shape != ref.shape:
             return f"{name}: shape {tuple(t.shape)} != expected {tuple(ref.shape)}"
         if t.dtype != ref.dtype:
@@ -59,6 +68,35 @@ def validate_update(update: object, reference: Mapping[str, torch.Tensor]) -> st
             if amax > MAX_ABS_VALUE:
                 return f"{name}: values beyond {MAX_ABS_VALUE:g} in magnitude"
     return None
+
+
+def validate_weight(weight: object) -> str | None:
+    """Return why a client's FedAvg ``weight`` is malformed, or ``None``.
+
+    A weight (its token count) must be a real number, finite, >= 0 and at most
+    :data:`MAX_WEIGHT`: a NaN, infinite or negative weight would poison or
+    cancel the weighted mean of the non-private mode. (Under DP every accepted
+    update has weight 1 and the client's weight is not used.)
+    """
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        return f"weight is a {type(weight).__name__}, not a number"
+    try:
+        w = float(weight)
+    except OverflowError:  # an int beyond the float range
+        w = math.inf
+    if not math.isfinite(w):
+        return "weight is NaN or infinite"
+    if w < 0:
+        return f"weight {w:g} is negative"
+    if w > MAX_WEIGHT:
+        return f"weight {w:g} is beyond {MAX_WEIGHT:g}"
+    return None
+
+
+def _names(keys: set) -> str:
+    """Up to three of ``keys`` for a message; keys of any type, sorted by repr."""
+    shown = sorted(repr(k)[:40] for k in keys)
+    return f"[{', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}]"
 
 
 @dataclass

@@ -20,6 +20,7 @@ takes the token-weighted mean of unclipped updates (McMahan et al. 2017).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,7 +29,13 @@ import dp_accounting
 import numpy as np
 import torch
 
-from privlm.federated.aggregation import RunningSum, dp_mean, validate_update, weighted_mean
+from privlm.federated.aggregation import (
+    RunningSum,
+    dp_mean,
+    validate_update,
+    validate_weight,
+    weighted_mean,
+)
 from privlm.federated.server_opt import ServerOptimizer
 from privlm.privacy.accountant import round_event
 
@@ -116,13 +123,15 @@ def apply(
     losses: list[float] = []
     for c in contributions:
         reason = validate_update(c.update, state.params)
+        if reason is None and not algo.private:  # under DP every update weighs 1
+            reason = validate_weight(c.weight)
         if reason is not None:
             log.warning("rejected update from client %s: %s", c.client_id, reason)
             rejections.append((c.client_id, reason))
             continue
         running.add(c.update, 1.0 if algo.private else c.weight)
-        if c.train_loss is not None:
-            losses.append(c.train_loss)
+        if isinstance(c.train_loss, (int, float)) and math.isfinite(c.train_loss):
+            losses.append(float(c.train_loss))
     if algo.private:
         if noise is None:
             raise ValueError("a private round needs a noise generator")

@@ -1,7 +1,8 @@
 """Server optimizers: turn the (noised) mean update into new global parameters.
 
 Post-processing of the released mean, so they cost no privacy.
-FedAvg: ``w += lr * mean``. FedAdam (Reddi et al. 2021, "Adaptive Federated
+FedAvg: ``w += lr * mean``. FedAvgM (Hsu et al. 2019): server momentum,
+``m = beta1 * m + mean; w += lr * m``. FedAdam (Reddi et al. 2021, "Adaptive Federated
 Optimization"): Adam moments over the mean update, with adaptivity ``tau``.
 """
 
@@ -17,7 +18,7 @@ Params = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class ServerOptimizer:
-    name: Literal["fedavg", "fedadam"] = "fedavg"
+    name: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
     lr: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.99
@@ -29,6 +30,8 @@ class ServerOptimizer:
                 "m": {k: torch.zeros_like(v) for k, v in params.items()},
                 "v": {k: torch.full_like(v, self.tau**2) for k, v in params.items()},
             }
+        if self.name == "fedavgm":
+            return {"m": {k: torch.zeros_like(v) for k, v in params.items()}}
         return {}
 
     def apply(
@@ -36,6 +39,9 @@ class ServerOptimizer:
     ) -> tuple[Params, dict[str, Params]]:
         if self.name == "fedavg":
             return {k: params[k] + self.lr * mean_update[k] for k in params}, state
+        if self.name == "fedavgm":
+            m = {k: self.beta1 * state["m"][k] + mean_update[k] for k in params}
+            return {k: params[k] + self.lr * m[k] for k in params}, {"m": m}
         m = {k: self.beta1 * state["m"][k] + (1 - self.beta1) * mean_update[k] for k in params}
         v = {k: self.beta2 * state["v"][k] + (1 - self.beta2) * mean_update[k] ** 2 for k in params}
         new = {k: params[k] + self.lr * m[k] / (v[k].sqrt() + self.tau) for k in params}

@@ -44,6 +44,9 @@ def guarantee_record(
             f"C={clip_norm}, Gaussian noise of std {noise_multiplier:.4g}*C on the sum, "
             f"{len(ledger)} rounds, {accountant.upper()} accounting."
         )
+        if ledger.lost:
+            words += (f" {ledger.lost} of those rounds were paid for but lost to a crash and"
+                      " run again; they are counted.")
         words += (" Covered: the model checkpoints (and anything computed from them alone)."
                   " Not covered: the per-round diagnostics in metrics.jsonl and the logs"
                   " (train_loss, clients, sampled, clipped, rejected, eval_*), which are"
@@ -63,6 +66,7 @@ def guarantee_record(
         "clients_per_round": clients_per_round,
         "rounds_completed": rounds_completed,
         "rounds_spent": len(ledger),
+        "rounds_lost": ledger.lost,
         "budget_epsilon": budget,
         "secure_noise": not seeded_noise,
         "stopped": stopped,

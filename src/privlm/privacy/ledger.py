@@ -91,20 +91,36 @@ def compose_events(events: Iterable[dp_accounting.DpEvent]) -> dp_accounting.DpE
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One round's privacy cost: the round number and what the mechanism was."""
+    """One round's privacy cost: the round number and what the mechanism was.
+
+    ``lost`` marks a round that was paid for (its entry was durable) but whose
+    result a crash destroyed before it was saved, in a run with secure noise:
+    it stays in the ledger and counts towards epsilon (its noisy output may have
+    existed), and the round is run again, with fresh noise, under a new entry.
+    """
 
     round: int
     event: dp_accounting.DpEvent
+    lost: bool = False
 
     def to_dict(self) -> dict:
-        return {"round": self.round, "event": event_to_dict(self.event)}
+        d = {"round": self.round, "event": event_to_dict(self.event)}
+        if self.lost:
+            d["lost"] = True
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> LedgerEntry:
         rnd = data.get("round") if isinstance(data, dict) else None
         if not isinstance(rnd, int) or isinstance(rnd, bool):
             raise ValueError(f"ledger entry lacks an integer 'round': {data!r:.80}")
-        return cls(round=data["round"], event=event_from_dict(data.get("event")))
+        lost = data.get("lost", False)
+        if not isinstance(lost, bool):
+            raise ValueError(f"ledger entry of round {rnd}: 'lost' must be true or false")
+        extra = set(data) - {"round", "event", "lost"}
+        if extra:
+            raise ValueError(f"ledger entry of round {rnd} has unknown fields {sorted(extra)}")
+        return cls(round=rnd, event=event_from_dict(data.get("event")), lost=lost)
 
 
 class Ledger:
@@ -119,14 +135,39 @@ class Ledger:
     def __init__(self, entries: Iterable[LedgerEntry] = ()) -> None:
         self._entries: list[LedgerEntry] = list(entries)
 
-    def append(self, round_index: int, event: dp_accounting.DpEvent) -> LedgerEntry:
-        if self._entries and round_index <= self._entries[-1].round:
-            raise ValueError(
-                f"ledger rounds must increase: got {round_index} after {self._entries[-1].round}"
-            )
-        entry = LedgerEntry(round_index, event)
+    def append(self, round_index: int, event: dp_accounting.DpEvent, lost: bool = False) -> LedgerEntry:
+        """Add a round's cost. Rounds increase; a round may repeat only after a lost entry."""
+        if self._entries:
+            last = self._entries[-1]
+            if round_index < last.round or (round_index == last.round and not last.lost):
+                raise ValueError(f"ledger rounds must increase: got {round_index} after {last.round}")
+        entry = LedgerEntry(round_index, event, lost)
         self._entries.append(entry)
         return entry
+
+    def mark_lost_after(self, round_index: int) -> list[LedgerEntry]:
+        """Mark every entry for a round after ``round_index`` as lost (still counted).
+
+        Used on resume with secure noise: those rounds were paid for but their
+        results were never saved, so they will be run again under new entries.
+        """
+        marked = []
+        for i, e in enumerate(self._entries):
+            if e.round > round_index and not e.lost:
+                self._entries[i] = LedgerEntry(e.round, e.event, lost=True)
+                marked.append(self._entries[i])
+        return marked
+
+    def entry_for(self, round_index: int) -> LedgerEntry | None:
+        """The live (not lost) entry paying for ``round_index``, if any."""
+        for e in reversed(self._entries):
+            if e.round == round_index and not e.lost:
+                return e
+        return None
+
+    @property
+    def lost(self) -> int:
+        return sum(e.lost for e in self._entries)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -148,5 +189,5 @@ class Ledger:
         ledger = cls()
         for item in data:
             entry = LedgerEntry.from_dict(item)
-            ledger.append(entry.round, entry.event)
+            ledger.append(entry.round, entry.event, entry.lost)
         return ledger

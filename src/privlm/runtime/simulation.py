@@ -31,7 +31,7 @@ import torch
 from privlm.config import RunConfig
 import privlm.data as _data
 from privlm.data.corpus import FederatedCorpus
-from privlm.errors import ConfigError
+from privlm.errors import ConfigError, DataError
 from privlm.federated import dp_fedavg
 from privlm.federated.client import LocalTraining, evaluate, get_params, local_train
 from privlm.federated.server_opt import ServerOptimizer
@@ -45,7 +45,8 @@ from privlm.privacy.accountant import (
 from privlm.privacy.guarantee import guarantee_record
 from privlm.privacy.ledger import Ledger
 from privlm.privacy.mechanism import NoiseSource
-from privlm.rundir import RunDir, default_run_dir
+from privlm.rundir import RunDir, default_run_dir, open_run_dir
+from privlm.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +167,8 @@ class Simulation:
         (which other users' presence could shift, making one user's presence
         change another's update); in secure mode it is fresh OS randomness.
         """
-        if self.cfg.privacy.seeded_noise or not self.algo.private:
-            digest = hashlib.sha256(f"{self.cfg.seed}:batches:{round_index}:{client_id}".encode()).digest()
-            seed = int.from_bytes(digest[:8], "little") >> 1
+        if self.replayable:
+            seed = _derived_seed(self.cfg.seed, f"batches:{round_index}", client_id)
         else:
             seed = secrets.randbits(63)
         return torch.Generator().manual_seed(seed)
@@ -191,41 +191,130 @@ class Simulation:
 
     # -- the loop --------------------------------------------------------------
     def run(self, out: Path | None = None, progress: bool = True,
-            stop_when: Callable[[dict], bool] | None = None) -> RunResult:
-        """Run all rounds (or until the budget stop, or ``stop_when(metrics_row)`` is true)."""
-        c = self.cfg
-        rd = RunDir(out or c.output.dir or default_run_dir())
-        rd.create()
-        rd.write_config(c.to_toml())
-        if c.privacy.seeded_noise and c.privacy.mode == "user":
-            log.warning("privacy.seeded_noise = true: noise is NOT secure; the guarantee does not hold")
+            stop_when: Callable[[dict], bool] | None = None, resume: bool = False) -> RunResult:
+        """Run all rounds (or until the budget stop, or ``stop_when(metrics_row)`` is true).
+
+        With ``resume=True``, ``out`` is an existing run directory: the run
+        continues after its last completed round (see :meth:`_resume`).
+        """
+        rd = RunDir(out or self.cfg.output.dir or default_run_dir())
+        rd.lock()  # one live run per directory; released by the kernel if we die
+        try:
+            state, metrics = self._resume(rd) if resume else self._start(rd)
+            return self._loop(rd, state, metrics, progress, stop_when)
+        finally:
+            rd.unlock()
+
+    def _start(self, rd: RunDir, restart: bool = False) -> tuple[dp_fedavg.ServerState, list[dict]]:
+        if not restart:
+            rd.create()
+        rd.write_config(self.cfg.to_toml())
+        # privacy.json (empty ledger) first: a state file without it cannot exist.
+        rd.write_privacy(self.privacy_record(0))
         state = dp_fedavg.init(self.algo, get_params(self.model))
         rd.save_checkpoint(0, state.params)
-        rd.write_privacy(self.privacy_record(0))
-        metrics: list[dict] = []
+        rd.save_state(0, state.params, state.opt_state)
+        return state, []
+
+    def _resume(self, rd: RunDir) -> tuple[dp_fedavg.ServerState, list[dict]]:
+        """Load the last durable state of ``rd``; never forget a spent round.
+
+        The ledger on disk is the truth about what was spent. Rounds after the
+        saved state were paid for but their results are gone. With seeded noise
+        (and in non-private runs) such a round is replayed bit for bit under its
+        existing entry: the same sampling, batches and noise give the same
+        release, so it is not paid twice. With secure noise the lost round's
+        entry is marked ``lost`` and stays counted, and the round runs again
+        with fresh noise under a new entry.
+        """
+        if rd.remove_partial_writes():
+            log.info("%s: removed temp files of writes interrupted by the crash", rd.path)
+        if not rd.privacy_path.exists():
+            if rd.state_path.exists():
+                raise DataError(f"{rd.privacy_path}: missing, but {rd.state_path.name} exists; "
+                                "the ledger is gone, refusing to guess what was spent")
+            log.warning("%s: the run had not started; starting it from round 0", rd.path)
+            return self._start(rd, restart=True)
+        record = rd.read_privacy()
+        try:
+            ledger = Ledger.from_list(record.get("ledger"))
+        except ValueError as e:
+            raise DataError(f"{rd.privacy_path}: corrupt ledger ({e})") from None
+        if not rd.state_path.exists() and len(ledger) == 0:
+            log.warning("%s: the run had not started; starting it from round 0", rd.path)
+            return self._start(rd, restart=True)
+        done, params, opt_state = rd.load_state()
+        reference = get_params(self.model)
+        for name, ref in reference.items():
+            if name not in params or params[name].shape != ref.shape or params[name].dtype != ref.dtype:
+                raise DataError(f"{rd.state_path}: parameter {name!r} missing or not {tuple(ref.shape)} "
+                                f"{ref.dtype}; is config.toml the run's own?")
+        if set(params) != set(reference) or set(opt_state) != set(self.algo.server_optimizer.init(reference)):
+            raise DataError(f"{rd.state_path}: its tensors do not match the model and server optimizer")
+        for r in range(1, done + 1):
+            if ledger.entry_for(r) is None:
+                raise DataError(f"{rd.privacy_path}: no ledger entry for round {r}, which the resume "
+                                "state says completed; refusing to under-count")
+        if self.replayable:
+            later = [e.round for e in ledger if e.round > done and not e.lost]
+            if later and later != [done + 1]:
+                raise DataError(f"{rd.privacy_path}: ledger entries for rounds {later} after the saved "
+                                f"round {done}; the run directory is inconsistent")
+        else:
+            for e in ledger.mark_lost_after(done):
+                log.warning("round %d was paid for but its result was lost; it stays counted "
+                            "and runs again with fresh noise", e.round)
+        self.ledger = ledger
+        if self.algo.private:
+            self.epsilon = epsilon_for(ledger, self.cfg.privacy.delta, self.cfg.privacy.accountant)
+        rd.write_privacy(self.privacy_record(done))
+        metrics = [m for m in rd.read_metrics() if m.get("round", 0) <= done]
+        return dp_fedavg.ServerState(params=params, opt_state=opt_state, round=done), metrics
+
+    @property
+    def replayable(self) -> bool:
+        """Whether a round is a pure function of (state, round): seeded or non-private."""
+        return self.cfg.privacy.seeded_noise or not self.algo.private
+
+    def _loop(self, rd: RunDir, state: dp_fedavg.ServerState, metrics: list[dict], progress: bool,
+              stop_when: Callable[[dict], bool] | None) -> RunResult:
+        c = self.cfg
+        if c.privacy.seeded_noise and c.privacy.mode == "user":
+            log.warning("privacy.seeded_noise = true: noise is NOT secure; the guarantee does not hold")
         stopped = None
-        eval_loss = eval_acc = float("nan")
+        evals = [m for m in metrics if m.get("eval_loss") is not None]
+        eval_loss = evals[-1]["eval_loss"] if evals else float("nan")
+        eval_acc = evals[-1]["eval_accuracy"] if evals else float("nan")
         bar = _progress(progress)
         with bar or nullcontext():
-            rounds_task = bar.add_task("rounds", total=c.federation.rounds) if bar else None
+            rounds_task = bar.add_task("rounds", total=c.federation.rounds, completed=state.round) if bar else None
             clients_task = bar.add_task("clients", total=None) if bar else None
-            for r in range(1, c.federation.rounds + 1):
+            for r in range(state.round + 1, c.federation.rounds + 1):
                 t0 = time.perf_counter()
                 # 1. Budget check, then the round's privacy cost, durable before anything else.
                 event = self.algo.round_event()
-                eps = None
-                if self.algo.private:
-                    eps = epsilon_for([*self.ledger.events, event], c.privacy.delta, c.privacy.accountant)
-                    budget = c.privacy.budget
-                    if budget is not None and eps > budget:
-                        stopped = (f"budget stop: round {r} would raise epsilon to {eps:.4f}, "
-                                   f"above the budget {budget:g}; it did not run")
-                        break
-                self.ledger.append(r, event)
-                if eps is not None:
-                    self.epsilon = eps  # the ledger now is exactly what the check composed
-                rd.write_privacy(self.privacy_record(r - 1))
+                eps = self.epsilon if self.algo.private else None
+                paid = self.ledger.entry_for(r)
+                if paid is not None:  # a resumed replay of a round already paid for
+                    if paid.event != event:
+                        raise DataError(f"{rd.privacy_path}: round {r} was paid for with a different "
+                                        "mechanism than config.toml describes")
+                else:
+                    if self.algo.private:
+                        eps = epsilon_for([*self.ledger.events, event], c.privacy.delta, c.privacy.accountant)
+                        budget = c.privacy.budget
+                        if budget is not None and eps > budget:
+                            stopped = (f"budget stop: round {r} would raise epsilon to {eps:.4f}, "
+                                       f"above the budget {budget:g}; it did not run")
+                            break
+                    self.ledger.append(r, event)
+                    if eps is not None:
+                        self.epsilon = eps  # the ledger now is exactly what the check composed
+                    rd.write_privacy(self.privacy_record(r - 1))
+                fault_point("ledger-written", r)
                 # 2. Sample, train, aggregate (streamed), noise, server step.
+                if self.replayable:  # e.g. dropout: make the round a function of (state, r)
+                    torch.manual_seed(_derived_seed(c.seed, "torch", r))
                 ids = self.algo.sample_clients(_sampling_rng(c, r))
                 if bar:
                     bar.reset(clients_task, total=len(ids))
@@ -234,7 +323,8 @@ class Simulation:
                     self.algo, state, self.contributions(state, ids, advance),
                     self.noise.generator(r) if self.algo.private else None,
                 )
-                # 3. Release: metrics, checkpoint, privacy.json with the completed count.
+                fault_point("aggregated", r)
+                # 3. Release: metrics, checkpoint, resume state, privacy.json with the completed count.
                 evaluated = r % c.eval.every == 0 or r == c.federation.rounds
                 if evaluated:
                     eval_loss, eval_acc = self.evaluate(state.params)
@@ -252,8 +342,12 @@ class Simulation:
                 }
                 metrics.append(row)
                 rd.write_metrics(metrics)
+                fault_point("metrics-written", r)
                 if r % c.output.checkpoint_every == 0 or r == c.federation.rounds:
                     rd.save_checkpoint(r, state.params)
+                    fault_point("checkpoint-written", r)
+                rd.save_state(r, state.params, state.opt_state)
+                fault_point("state-written", r)
                 rd.write_privacy(self.privacy_record(r))
                 if stop_when is not None and stop_when(row):
                     if r % c.output.checkpoint_every and r != c.federation.rounds:
@@ -262,13 +356,13 @@ class Simulation:
                 if bar:
                     bar.update(rounds_task, advance=1,
                                description=f"rounds (acc {eval_acc:.3f}" + (f", eps {eps:.2f})" if eps else ")"))
-        completed = metrics[-1]["round"] if metrics else 0
+        completed = state.round
         if stopped:
             log.warning(stopped)
             if completed and completed % c.output.checkpoint_every:
                 rd.save_checkpoint(completed, state.params)
-            if completed and (completed % c.eval.every):
-                eval_loss, eval_acc = self.evaluate(state.params)
+        if completed and (math.isnan(eval_loss) or metrics and metrics[-1]["eval_loss"] is None):
+            eval_loss, eval_acc = self.evaluate(state.params)
         record = self.privacy_record(completed, stopped)
         rd.write_privacy(record)
         from privlm.report.html import write_report
@@ -279,6 +373,12 @@ class Simulation:
             delta=record["delta"], eval_loss=eval_loss, eval_accuracy=eval_acc,
             stopped=stopped, metrics=metrics, corpus_stats=self.corpus.stats(),
         )
+
+
+def _derived_seed(seed: int, stream: str, key: object) -> int:
+    """A 63-bit seed from (seed, stream, key): for seeded runs only, never for secure noise."""
+    digest = hashlib.sha256(f"{seed}:{stream}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _num(x: float) -> float | None:
@@ -300,4 +400,13 @@ def run(cfg: RunConfig, out: Path | None = None, progress: bool = True,
     return Simulation(cfg, corpus).run(out, progress)
 
 
-__all__ = ["RunResult", "Simulation", "run", "build_model", "resolve_privacy"]
+def resume(run_dir: Path, progress: bool = True, corpus: FederatedCorpus | None = None) -> RunResult:
+    """Continue the run in ``run_dir`` from its last durable state, with its own config.toml."""
+    from privlm.config import load_config
+
+    rd = open_run_dir(run_dir)
+    cfg = load_config(rd.config_path, [])
+    return Simulation(cfg, corpus).run(rd.path, progress, resume=True)
+
+
+__all__ = ["RunResult", "Simulation", "run", "resume", "build_model", "resolve_privacy"]

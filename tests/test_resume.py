@@ -1,0 +1,204 @@
+"""Crash safety: resume after a SIGKILL at every step of a round, the lock, corrupt files.
+
+Crashes are real: a child process is killed with SIGKILL (by ``PRIVLM_CRASH_AT``
+at a named step, or by a timer in the chaos test), then the run is resumed and
+compared with the same run done without interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomli_w
+from typer.testing import CliRunner
+
+from privlm.cli import app
+from privlm.config import load_config
+from privlm.errors import DataError
+from privlm.privacy import Ledger, epsilon_for
+from privlm.rundir import RunDir
+from privlm.runtime.simulation import Simulation, resume
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import chaos  # noqa: E402
+
+ROUNDS = 6
+BASE = {
+    "seed": 3,
+    "data": {"source": "synthetic-clinic", "num_clients": 60},
+    "model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 32},
+    "client": {"local_steps": 2, "batch_size": 4, "optimizer": "adam", "lr": 0.01},
+    "federation": {"rounds": ROUNDS, "clients_per_round": 8},
+    "server": {"optimizer": "fedadam", "lr": 0.01},
+    "privacy": {"mode": "user", "noise_multiplier": 1.0, "clip_norm": 1.0, "target_epsilon": 50.0},
+    "eval": {"every": 2, "max_clients": 8},
+    "output": {"checkpoint_every": 4},
+}
+
+
+def _config(tmp_path: Path, seeded: bool = True, **privacy) -> Path:
+    cfg = json.loads(json.dumps(BASE))
+    cfg["privacy"].update(seeded_noise=seeded, **privacy)
+    path = tmp_path / f"config-{seeded}-{len(privacy)}.toml"
+    path.write_text(tomli_w.dumps(cfg))
+    return path
+
+
+def _crash(cfg_path: Path, out: Path, point: str) -> None:
+    """Run in a child process that SIGKILLs itself at ``point``."""
+    env = {**os.environ, "PRIVLM_CRASH_AT": point, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-m", "privlm", "run", str(cfg_path), "--out", str(out),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def _final(run_dir: Path) -> dict:
+    out = chaos._final(run_dir)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("ref")
+    out = tmp / "run"
+    Simulation(load_config(_config(tmp), [])).run(out, progress=False)
+    return out
+
+
+# Every step of round 3 at which a crash leaves a different on-disk state, plus
+# crashes inside file writes (temp file complete, rename not done).
+POINTS = ["ledger-written:3", "aggregated:3", "metrics-written:3", "checkpoint-written:4",
+          "state-written:3", "mid-write:9", "mid-write-checkpoint:2"]
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_seeded_run_killed_anywhere_resumes_to_the_same_result(tmp_path, reference, point):
+    out = tmp_path / "run"
+    _crash(_config(tmp_path), out, point)
+    before = json.loads((out / "privacy.json").read_text())
+    res = resume(out, progress=False)
+    assert res.rounds_completed == ROUNDS
+    assert not list(out.glob(".*.tmp")) and not list((out / "checkpoints").glob(".*.tmp"))
+    got, want = _final(out), _final(reference)
+    for key in want:
+        assert got[key] == want[key], f"{key} differs after a crash at {point}"
+    # What was spent before the crash is still in the ledger (a prefix of the final one).
+    assert got["ledger"][: len(before["ledger"])] == before["ledger"]
+
+
+def test_secure_noise_crash_keeps_the_lost_round_spent(tmp_path):
+    out = tmp_path / "run"
+    _crash(_config(tmp_path, seeded=False), out, "aggregated:3")
+    spent = json.loads((out / "privacy.json").read_text())["ledger"]
+    assert [e["round"] for e in spent] == [1, 2, 3]  # round 3 was paid before it ran
+    res = resume(out, progress=False)
+    priv = json.loads((out / "privacy.json").read_text())
+    rounds = [(e["round"], e.get("lost", False)) for e in priv["ledger"]]
+    assert rounds == [(1, False), (2, False), (3, True), (3, False), (4, False), (5, False), (6, False)]
+    assert priv["rounds_lost"] == 1 and priv["rounds_spent"] == ROUNDS + 1
+    assert res.rounds_completed == ROUNDS
+    ledger = Ledger.from_list(priv["ledger"])
+    assert priv["epsilon"] == pytest.approx(epsilon_for(ledger, priv["delta"], "pld"), rel=1e-12)
+    assert priv["epsilon"] > epsilon_for(ledger.events[:ROUNDS], priv["delta"], "pld")
+    assert "lost to a crash" in priv["guarantee"]
+
+
+def test_secure_noise_crash_never_lets_the_budget_be_exceeded(tmp_path):
+    # A budget that exactly fits ROUNDS rounds: after a lost round, the last one cannot run.
+    q = BASE["federation"]["clients_per_round"] / BASE["data"]["num_clients"]
+    from privlm.privacy import epsilon as eps_of
+
+    delta = 1e-3
+    budget = eps_of(q, 1.0, ROUNDS, delta, "pld") * (1 + 1e-9)
+    out = tmp_path / "run"
+    _crash(_config(tmp_path, seeded=False, max_epsilon=budget, delta=delta), out, "aggregated:2")
+    res = resume(out, progress=False)
+    priv = json.loads((out / "privacy.json").read_text())
+    assert res.rounds_completed == ROUNDS - 1 and res.stopped and "budget stop" in res.stopped
+    assert priv["epsilon"] <= budget and priv["rounds_spent"] == ROUNDS
+
+
+def test_chaos_short(tmp_path):
+    """The CI version of tools/chaos.py: 4 random kills, resumed, bitwise equal at the end."""
+    cfg = json.loads(json.dumps(chaos.CONFIG))
+    cfg["federation"]["rounds"] = 16
+    res = chaos.chaos(tmp_path, kills=4, seed=11, config=cfg, log=lambda *_: None)
+    assert res["ok"], res
+    assert len(res["kills"]) == 4
+
+
+def test_a_live_run_holds_its_directory(tmp_path):
+    out = tmp_path / "run"
+    holder = RunDir(out)
+    holder.lock()
+    try:
+        with pytest.raises(DataError, match="in use by a live run"):
+            Simulation(load_config(_config(tmp_path), [])).run(out, progress=False)
+        with pytest.raises(DataError, match="in use by a live run"):
+            Simulation(load_config(_config(tmp_path), [])).run(out, progress=False, resume=True)
+    finally:
+        holder.unlock()
+    Simulation(load_config(_config(tmp_path), [])).run(out, progress=False)  # free again
+
+
+def test_a_finished_run_cannot_be_started_over(tmp_path, reference):
+    with pytest.raises(DataError, match="already holds a run"):
+        Simulation(load_config(_config(tmp_path), [])).run(reference, progress=False)
+
+
+def _broken_copy(reference: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncate-state", "garbage-privacy", "no-state", "bad-ledger",
+                                    "ledger-gap"])
+def test_corrupt_files_are_an_error_never_a_fresh_start(tmp_path, reference, damage):
+    out = _broken_copy(reference, tmp_path)
+    state, priv = out / "state.safetensors", out / "privacy.json"
+    if damage == "truncate-state":
+        state.write_bytes(state.read_bytes()[:100])
+        match = "state.safetensors: corrupt"
+    elif damage == "garbage-privacy":
+        priv.write_text('{"ledger": [')
+        match = "privacy.json: corrupt JSON"
+    elif damage == "no-state":
+        state.unlink()
+        match = "state.safetensors: no resume state"
+    elif damage == "bad-ledger":
+        rec = json.loads(priv.read_text())
+        rec["ledger"][1]["event"]["class"] = "os.system"
+        priv.write_text(json.dumps(rec))
+        match = "privacy.json: corrupt ledger"
+    else:
+        rec = json.loads(priv.read_text())
+        del rec["ledger"][2]
+        priv.write_text(json.dumps(rec))
+        match = "no ledger entry for round 3"
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(DataError, match=match):
+        resume(out, progress=False)
+    after = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # nothing was overwritten
+
+
+def test_cli_resume(tmp_path, reference):
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", "--resume", str(reference), "--set", "seed=1"])
+    assert res.exit_code == 2 and "--resume: give no CONFIG" in res.output
+    res = runner.invoke(app, ["run", "--resume", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "not a privlm run directory" in res.output
+    out = _broken_copy(reference, tmp_path)
+    res = runner.invoke(app, ["run", "--resume", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert f"rounds: {ROUNDS}" in res.output
