@@ -91,7 +91,8 @@ def chaos(base: Path, kills: int, seed: int = 0, config: dict | None = None,
         env = dict(os.environ)
         how = None
         if len(events) < kills:
-            how = rng.choice(["timer", "mid-write", "mid-write-checkpoint"]) if len(events) % 2 else "timer"
+            # Even kills: a timer. Odd kills alternate: inside a checkpoint write, inside any write.
+            how = "timer" if len(events) % 2 == 0 else ("mid-write-checkpoint", "mid-write")[len(events) // 2 % 2]
             if how != "timer":
                 env["PRIVLM_CRASH_AT"] = f"{how}:{rng.randint(1, 6 if how == 'mid-write' else 2)}"
         proc = _privlm(*args, env=env)

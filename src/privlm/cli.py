@@ -221,3 +221,36 @@ def data_download(
 
 if __name__ == "__main__":
     app()
+
+
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Tokenizers for from-scratch models.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    data: Annotated[Path, typer.Option("--data", help="A text file, or a directory of .txt files (public text).")],
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size (>= 257).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for tokenizer.json.")],
+) -> None:
+    """Train a byte-level BPE tokenizer (tokenizers library); use it with model.tokenizer = DIR.
+
+    Train on public text: a vocabulary learned from private text reveals its
+    frequent strings and is not covered by the DP guarantee.
+    """
+    from privlm.data._common import read_utf8
+    from privlm.models.tokenizer import train_bpe
+
+    try:
+        if vocab_size < 257:
+            raise PrivlmError(f"--vocab-size: {vocab_size} must be at least 257 (256 bytes + merges)")
+        files = sorted(data.rglob("*.txt")) if data.is_dir() else [data]
+        if not data.exists():
+            raise PrivlmError(f"--data: {data}: not found")
+        if not files:
+            raise PrivlmError(f"--data: {data}: no .txt files")
+        path = train_bpe((read_utf8(f) for f in files), vocab_size, out)
+    except PrivlmError as e:
+        _fail(e)
+        return
+    console.print(f"tokenizer ({vocab_size} tokens, from {len(files)} file(s)): [bold]{path}[/]")

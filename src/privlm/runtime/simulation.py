@@ -35,7 +35,7 @@ from privlm.errors import ConfigError, DataError
 from privlm.federated import dp_fedavg
 from privlm.federated.client import LocalTraining, evaluate, get_params, local_train
 from privlm.federated.server_opt import ServerOptimizer
-from privlm.models import GPT, ByteTokenizer, GPTConfig
+from privlm.models import GPT, BPETokenizer, ByteTokenizer, GPTConfig, Tokenizer
 from privlm.privacy.accountant import (
     calibrate_noise_multiplier,
     default_delta,
@@ -66,10 +66,26 @@ class RunResult:
     corpus_stats: dict = field(default_factory=dict)
 
 
-def build_model(cfg: RunConfig) -> GPT:
+def build_model(cfg: RunConfig) -> tuple[torch.nn.Module, Tokenizer]:
+    """The model (its trainable tensors are what trains and travels) and its tokenizer."""
     m = cfg.model
-    return GPT(GPTConfig(block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
-                         n_embd=m.n_embd, dropout=m.dropout))
+    if m.kind == "hf":
+        from privlm.models.hf import load_lora_model
+
+        return load_lora_model(m.path, m.lora, m.dtype, m.max_length)
+    tok: Tokenizer = BPETokenizer(m.tokenizer) if m.tokenizer is not None else ByteTokenizer()
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+                          n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout))
+    return model, tok
+
+
+def to_checkpoint(model: torch.nn.Module, params: dict) -> dict:
+    """Tensors as written to checkpoints/ (peft adapter names for LoRA models)."""
+    return model.to_checkpoint(params) if hasattr(model, "to_checkpoint") else params
+
+
+def from_checkpoint(model: torch.nn.Module, tensors: dict) -> dict:
+    return model.from_checkpoint(tensors) if hasattr(model, "from_checkpoint") else tensors
 
 
 def resolve_privacy(cfg: RunConfig, num_clients: int) -> RunConfig:
@@ -119,8 +135,8 @@ class Simulation:
         self.cfg = resolve_privacy(cfg, self.corpus.num_clients)
         c = self.cfg
         torch.manual_seed(c.seed)
-        self.model = build_model(c)
-        tok = ByteTokenizer()
+        self.model, tok = build_model(c)
+        self.tokenizer = tok
         self.train_tokens = [tok.encode(cl.train) for cl in self.corpus.clients]
         rng = np.random.default_rng([c.seed, 0, 2])
         order = rng.permutation(self.corpus.num_clients)
@@ -212,7 +228,9 @@ class Simulation:
         # privacy.json (empty ledger) first: a state file without it cannot exist.
         rd.write_privacy(self.privacy_record(0))
         state = dp_fedavg.init(self.algo, get_params(self.model))
-        rd.save_checkpoint(0, state.params)
+        if hasattr(self.model, "save_adapter_config"):
+            self.model.save_adapter_config(rd.path / "checkpoints")
+        self._checkpoint(rd, 0, state.params)
         rd.save_state(0, state.params, state.opt_state)
         return state, []
 
@@ -270,6 +288,9 @@ class Simulation:
         rd.write_privacy(self.privacy_record(done))
         metrics = [m for m in rd.read_metrics() if m.get("round", 0) <= done]
         return dp_fedavg.ServerState(params=params, opt_state=opt_state, round=done), metrics
+
+    def _checkpoint(self, rd: RunDir, round_index: int, params: dict) -> None:
+        rd.save_checkpoint(round_index, to_checkpoint(self.model, params))
 
     @property
     def replayable(self) -> bool:
@@ -344,14 +365,14 @@ class Simulation:
                 rd.write_metrics(metrics)
                 fault_point("metrics-written", r)
                 if r % c.output.checkpoint_every == 0 or r == c.federation.rounds:
-                    rd.save_checkpoint(r, state.params)
+                    self._checkpoint(rd, r, state.params)
                     fault_point("checkpoint-written", r)
                 rd.save_state(r, state.params, state.opt_state)
                 fault_point("state-written", r)
                 rd.write_privacy(self.privacy_record(r))
                 if stop_when is not None and stop_when(row):
                     if r % c.output.checkpoint_every and r != c.federation.rounds:
-                        rd.save_checkpoint(r, state.params)
+                        self._checkpoint(rd, r, state.params)
                     break
                 if bar:
                     bar.update(rounds_task, advance=1,
@@ -360,7 +381,7 @@ class Simulation:
         if stopped:
             log.warning(stopped)
             if completed and completed % c.output.checkpoint_every:
-                rd.save_checkpoint(completed, state.params)
+                self._checkpoint(rd, completed, state.params)
         if completed and (math.isnan(eval_loss) or metrics and metrics[-1]["eval_loss"] is None):
             eval_loss, eval_acc = self.evaluate(state.params)
         record = self.privacy_record(completed, stopped)
@@ -409,4 +430,5 @@ def resume(run_dir: Path, progress: bool = True, corpus: FederatedCorpus | None 
     return Simulation(cfg, corpus).run(rd.path, progress, resume=True)
 
 
-__all__ = ["RunResult", "Simulation", "run", "resume", "build_model", "resolve_privacy"]
+__all__ = ["RunResult", "Simulation", "run", "resume", "build_model", "resolve_privacy",
+           "to_checkpoint", "from_checkpoint"]
