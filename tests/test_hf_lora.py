@@ -164,3 +164,18 @@ def test_from_scratch_transformer_with_a_trained_bpe_tokenizer(tokenizer_dir, tm
     res = CliRunner().invoke(app, ["tokenizer", "train", "--data", str(tmp_path / "none"),
                                    "--vocab-size", "300", "--out", str(tmp_path / "t2")])
     assert res.exit_code == 2 and "--data" in res.output
+
+
+def test_example_level_dp_sgd_with_a_lora_model(tiny_model, tmp_path):
+    cfg = _cfg(tiny_model, "privacy.mode=example", "data.silos=2", "federation.clients_per_round=2",
+               "federation.rounds=1", "privacy.target_epsilon=5", "privacy.noise_multiplier=1.0")
+    sim = Simulation(cfg)
+    base_before = {n: p.detach().clone() for n, p in sim.model.named_parameters() if not p.requires_grad}
+    res = sim.run(tmp_path / "run", progress=False)
+    assert res.rounds_completed == 1 and 0 < res.epsilon <= 5
+    for n, p in sim.model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base_before[n]), n
+    c0 = load_file(res.run_dir / "checkpoints" / "round-0000.safetensors")
+    c1 = load_file(res.run_dir / "checkpoints" / "round-0001.safetensors")
+    assert any(not torch.equal(c0[k], c1[k]) for k in c0)

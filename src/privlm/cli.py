@@ -66,7 +66,10 @@ def run(
         p = sim.cfg.privacy
         console.print(f"data: {st['name']}: {st['num_clients']} clients, "
                       f"{st['train_chars']:,} training / {st['test_chars']:,} held-out characters")
-        if p.mode == "user":
+        if p.mode == "example":
+            console.print(f"privacy: example-level DP-SGD (Opacus) in each of {len(sim.silos)} silos, "
+                          f"C={p.clip_norm}, delta={p.delta:.3g}, budget epsilon={p.budget}")
+        elif p.mode == "user":
             console.print(f"privacy: user-level DP-FedAvg, q={sim.algo.sampling_rate:.4g}, "
                           f"z={p.noise_multiplier:.4g}, C={p.clip_norm}, delta={p.delta:.3g}, "
                           f"budget epsilon={p.budget}")
@@ -83,7 +86,10 @@ def run(
     console.print(f"run directory: [bold]{res.run_dir}[/]")
     console.print(f"rounds: {res.rounds_completed}  held-out loss: {res.eval_loss:.4f}  "
                   f"next-token accuracy: {res.eval_accuracy:.4f}")
-    if res.epsilon is not None:
+    if res.epsilon is not None and sim.example:
+        console.print(f"[bold green]guarantee: example-level in each silo (epsilon <= {res.epsilon:.3f} "
+                      f"for every silo, delta={res.delta:.3g}; per silo in privacy.json)[/]")
+    elif res.epsilon is not None:
         console.print(f"[bold green]guarantee: user-level (epsilon={res.epsilon:.3f}, delta={res.delta:.3g})[/]")
     else:
         console.print("[yellow]guarantee: none (non-private run)[/]")
@@ -105,7 +111,9 @@ def epsilon(
         if accountant not in ("pld", "rdp"):
             raise PrivlmError(f"--accountant: {accountant!r} is not 'pld' or 'rdp'")
         if ledger is not None:
-            eps, d = _ledger_epsilon(ledger, delta, accountant)
+            eps, d, per_silo = _ledger_epsilon(ledger, delta, accountant)
+            for silo, e in per_silo.items():  # example-level ledgers: one line per silo, then the max
+                console.print(f"{silo}\t{e:.6g}", highlight=False)
             console.print(f"{eps:.6g}" if math.isfinite(eps) else "inf", highlight=False)
             return
         for name, v in (("--sampling-rate", sampling_rate), ("--noise-multiplier", noise_multiplier),
@@ -123,7 +131,7 @@ def epsilon(
     console.print(f"{eps:.6g}", highlight=False)
 
 
-def _ledger_epsilon(path: Path, delta: float | None, kind: str) -> tuple[float, float]:
+def _ledger_epsilon(path: Path, delta: float | None, kind: str) -> tuple[float, float, dict[str, float]]:
     from privlm.privacy.accountant import epsilon_for
     from privlm.privacy.ledger import Ledger
     from privlm.rundir import read_json
@@ -136,7 +144,11 @@ def _ledger_epsilon(path: Path, delta: float | None, kind: str) -> tuple[float, 
     d = delta if delta is not None else rec.get("delta")
     if d is None:
         raise PrivlmError(f"{path}: no delta recorded; pass --delta")
-    return epsilon_for(led, d, kind), d  # type: ignore[arg-type]
+    silos = led.silos()
+    if silos:  # example level: each silo's records have their own epsilon
+        per = {s: epsilon_for(led.for_silo(s), d, kind) for s in silos}  # type: ignore[arg-type]
+        return max(per.values()), d, per
+    return epsilon_for(led, d, kind), d, {}  # type: ignore[arg-type]
 
 
 def _check_range(name: str, v: float, lo: float, hi: float, inclusive_hi: bool = False) -> None:

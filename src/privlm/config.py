@@ -69,6 +69,11 @@ class DataConfig(_Section):
     )
     path: _OptPath = None  # shakespeare/tinyshakespeare: default is the download cache
     num_clients: int = _count(5000)  # generated corpora only
+    # Merge clients into this many silos (clients sharing the id prefix before "/" — a play —
+    # stay together); for cross-silo runs such as privacy.mode = "example".
+    silos: int | None = _count(None)
+    # privacy.mode = "example": what one protected record is — a line, or a blank-line-separated paragraph
+    records: Literal["lines", "paragraphs"] = "lines"
 
 
 class LoraConfigSection(_Section):
@@ -123,8 +128,14 @@ class ServerConfig(_Section):
     tau: float = Field(1e-3, gt=0, allow_inf_nan=False)
 
 
+class ExampleLevelConfig(_Section):
+    # q: each record's chance to be in a DP-SGD batch; default client.batch_size / records of the silo
+    sampling_rate: float | None = Field(None, gt=0, le=1)
+    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"  # Opacus per-example gradients
+
+
 class PrivacyConfig(_Section):
-    mode: Literal["user", "none"] = "user"
+    mode: Literal["user", "none", "example"] = "user"
     clip_norm: float = Field(2.0, gt=0, allow_inf_nan=False)
     noise_multiplier: float | None = Field(None, gt=0, allow_inf_nan=False)
     target_epsilon: float | None = Field(8.0, gt=0)
@@ -132,12 +143,13 @@ class PrivacyConfig(_Section):
     delta: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
     accountant: Literal["pld", "rdp"] = "pld"
     seeded_noise: bool = False  # tests only: noise and sampling from `seed`
+    example: ExampleLevelConfig = Field(default_factory=ExampleLevelConfig)  # mode = "example"
 
     @model_validator(mode="after")
     def _has_noise(self) -> PrivacyConfig:
-        if self.mode == "user" and self.noise_multiplier is None and self.target_epsilon is None:
-            raise ValueError("user mode needs noise_multiplier or target_epsilon")
-        if self.target_epsilon is not None and math.isinf(self.target_epsilon) and self.mode == "user" and self.noise_multiplier is None:
+        if self.mode != "none" and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError(f"{self.mode} mode needs noise_multiplier or target_epsilon")
+        if self.target_epsilon is not None and math.isinf(self.target_epsilon) and self.mode != "none" and self.noise_multiplier is None:
             raise ValueError("target_epsilon = inf means no privacy: set mode = \"none\" instead")
         return self
 

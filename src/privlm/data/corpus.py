@@ -36,3 +36,33 @@ class FederatedCorpus:
             "test_chars": sum(len(c.test) for c in self.clients),
             **self.info,
         }
+
+
+def group_into_silos(corpus: FederatedCorpus, silos: int) -> FederatedCorpus:
+    """Merge the clients into ``silos`` silos, e.g. five hospitals out of many patients.
+
+    Clients sharing the id prefix before ``"/"`` (a play of the Shakespeare
+    corpus) stay together; the groups, in sorted order, are dealt round-robin to
+    silos ``silo-0`` ... A silo's text is its members' texts joined by newlines.
+    """
+    groups: dict[str, list[ClientData]] = {}
+    for c in corpus.clients:
+        groups.setdefault(c.client_id.split("/", 1)[0], []).append(c)
+    if silos > len(groups):
+        raise ValueError(f"data.silos: {silos} silos need at least as many client groups; "
+                         f"the corpus has {len(groups)}")
+    members: list[list[ClientData]] = [[] for _ in range(silos)]
+    for i, key in enumerate(sorted(groups)):
+        members[i % silos].extend(groups[key])
+    merged = tuple(
+        ClientData(f"silo-{i}", "\n".join(c.train for c in ms), "\n".join(c.test for c in ms))
+        for i, ms in enumerate(members)
+    )
+    return FederatedCorpus(f"{corpus.name} in {silos} silos", merged,
+                           {**corpus.info, "silo_members": [len(ms) for ms in members]})
+
+
+def split_into_records(text: str, unit: str) -> list[str]:
+    """The records (the unit example-level DP protects) of one client's text."""
+    parts = text.split("\n\n") if unit == "paragraphs" else text.split("\n")
+    return [p for p in (p.strip("\n") for p in parts) if p.strip()]

@@ -23,6 +23,7 @@ def guarantee_record(
     seeded_noise: bool,
     budget: float | None,
     stopped: str | None = None,
+    silos: list[dict] | None = None,
 ) -> dict:
     """The content of ``privacy.json``.
 
@@ -34,6 +35,23 @@ def guarantee_record(
     eps = epsilon
     if mode == "none":
         words = "No differential privacy: this model was trained without clipping or noise."
+    elif mode == "example":
+        words = (
+            f"Example-level (record-level) differential privacy inside each silo: each record of "
+            f"silo s is protected with (epsilon_s, {delta:.3g}): adding or removing one record of "
+            f"that silo changes the probability of any outcome of the released checkpoints by at "
+            f"most a factor e^epsilon_s, except with probability {delta:.3g}. "
+            + " ".join(f"Silo {s['silo']}: epsilon {s['epsilon']:.3g}." for s in silos or [])
+            + f" Mechanism: DP-SGD (Opacus per-record gradients) in each silo, per-record L2 "
+            f"clipping to C={clip_norm}, Poisson sampling of records, Gaussian noise on each step's "
+            f"sum; the server's average of the silos' updates is post-processing; "
+            f"{accountant.upper()} accounting. Not protected: a silo's participation or its size, "
+            f"and a person with several records is protected only as their records add up "
+            f"(group privacy)."
+        )
+        words += (" Not covered: the per-round diagnostics in metrics.jsonl and the logs.")
+        if seeded_noise:
+            words += " WARNING: noise was seeded (test mode); this guarantee does NOT hold."
     else:
         words = (
             f"User-level ({eps:.3g}, {delta:.3g})-differential privacy: for any one client "
@@ -55,9 +73,9 @@ def guarantee_record(
             words += " WARNING: noise was seeded (test mode); this guarantee does NOT hold."
     return {
         "mode": mode,
-        "unit": "user" if mode == "user" else None,
+        "unit": {"user": "user", "example": "record"}.get(mode),
         "epsilon": eps if math.isfinite(eps) else None,
-        "delta": delta if mode == "user" else None,
+        "delta": delta if mode != "none" else None,
         "accountant": accountant,
         "noise_multiplier": noise_multiplier if mode == "user" else None,
         "clip_norm": clip_norm if mode == "user" else None,
@@ -70,7 +88,8 @@ def guarantee_record(
         "budget_epsilon": budget,
         "secure_noise": not seeded_noise,
         "stopped": stopped,
-        "covers": ["checkpoints/*.safetensors"] if mode == "user" else [],
+        "covers": ["checkpoints/*.safetensors"] if mode != "none" else [],
+        "silos": silos,
         "not_covered": ["metrics.jsonl", "report.html metrics", "logs"],
         "guarantee": words,
         "ledger": ledger.to_list(),

@@ -102,9 +102,12 @@ class LedgerEntry:
     round: int
     event: dp_accounting.DpEvent
     lost: bool = False
+    silo: str | None = None  # example-level mode: whose records paid (None: the user population)
 
     def to_dict(self) -> dict:
-        d = {"round": self.round, "event": event_to_dict(self.event)}
+        d: dict = {"round": self.round, "event": event_to_dict(self.event)}
+        if self.silo is not None:
+            d["silo"] = self.silo
         if self.lost:
             d["lost"] = True
         return d
@@ -117,10 +120,13 @@ class LedgerEntry:
         lost = data.get("lost", False)
         if not isinstance(lost, bool):
             raise ValueError(f"ledger entry of round {rnd}: 'lost' must be true or false")
-        extra = set(data) - {"round", "event", "lost"}
+        silo = data.get("silo")
+        if silo is not None and not isinstance(silo, str):
+            raise ValueError(f"ledger entry of round {rnd}: 'silo' must be a string")
+        extra = set(data) - {"round", "event", "lost", "silo"}
         if extra:
             raise ValueError(f"ledger entry of round {rnd} has unknown fields {sorted(extra)}")
-        return cls(round=rnd, event=event_from_dict(data.get("event")), lost=lost)
+        return cls(round=rnd, event=event_from_dict(data.get("event")), lost=lost, silo=silo)
 
 
 class Ledger:
@@ -135,13 +141,16 @@ class Ledger:
     def __init__(self, entries: Iterable[LedgerEntry] = ()) -> None:
         self._entries: list[LedgerEntry] = list(entries)
 
-    def append(self, round_index: int, event: dp_accounting.DpEvent, lost: bool = False) -> LedgerEntry:
-        """Add a round's cost. Rounds increase; a round may repeat only after a lost entry."""
+    def append(self, round_index: int, event: dp_accounting.DpEvent, lost: bool = False,
+               silo: str | None = None) -> LedgerEntry:
+        """Add a round's cost. Rounds increase; a round repeats only after a lost entry,
+        or for another silo (example-level mode: one entry per silo per round)."""
         if self._entries:
             last = self._entries[-1]
-            if round_index < last.round or (round_index == last.round and not last.lost):
+            other_silo = silo is not None and last.silo is not None and silo != last.silo
+            if round_index < last.round or (round_index == last.round and not (last.lost or other_silo)):
                 raise ValueError(f"ledger rounds must increase: got {round_index} after {last.round}")
-        entry = LedgerEntry(round_index, event, lost)
+        entry = LedgerEntry(round_index, event, lost, silo)
         self._entries.append(entry)
         return entry
 
@@ -154,16 +163,24 @@ class Ledger:
         marked = []
         for i, e in enumerate(self._entries):
             if e.round > round_index and not e.lost:
-                self._entries[i] = LedgerEntry(e.round, e.event, lost=True)
+                self._entries[i] = LedgerEntry(e.round, e.event, lost=True, silo=e.silo)
                 marked.append(self._entries[i])
         return marked
 
-    def entry_for(self, round_index: int) -> LedgerEntry | None:
-        """The live (not lost) entry paying for ``round_index``, if any."""
+    def entry_for(self, round_index: int, silo: str | None = None) -> LedgerEntry | None:
+        """The live (not lost) entry paying for ``round_index`` (for ``silo``), if any."""
         for e in reversed(self._entries):
-            if e.round == round_index and not e.lost:
+            if e.round == round_index and not e.lost and e.silo == silo:
                 return e
         return None
+
+    def silos(self) -> list[str]:
+        """The silos with entries, in first-seen order (example-level mode)."""
+        return list(dict.fromkeys(e.silo for e in self._entries if e.silo is not None))
+
+    def for_silo(self, silo: str) -> list[dp_accounting.DpEvent]:
+        """The events that silo ``silo``'s records paid (lost ones included)."""
+        return [e.event for e in self._entries if e.silo == silo]
 
     @property
     def lost(self) -> int:
@@ -189,5 +206,5 @@ class Ledger:
         ledger = cls()
         for item in data:
             entry = LedgerEntry.from_dict(item)
-            ledger.append(entry.round, entry.event, entry.lost)
+            ledger.append(entry.round, entry.event, entry.lost, entry.silo)
         return ledger

@@ -33,7 +33,9 @@ import privlm.data as _data
 from privlm.data.corpus import FederatedCorpus
 from privlm.errors import ConfigError, DataError
 from privlm.federated import dp_fedavg
+from privlm.data.corpus import group_into_silos, split_into_records
 from privlm.federated.client import LocalTraining, evaluate, get_params, local_train
+from privlm.federated.dp_sgd import ExampleDP, dp_sgd_train, record_windows, silo_round_event, steps_per_round
 from privlm.federated.server_opt import ServerOptimizer
 from privlm.models import GPT, BPETokenizer, ByteTokenizer, GPTConfig, Tokenizer
 from privlm.privacy.accountant import (
@@ -49,6 +51,18 @@ from privlm.rundir import RunDir, default_run_dir, open_run_dir
 from privlm.faults import fault_point
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiloPlan:
+    """Example-level mode: one silo's records (one window each) and its DP-SGD mechanism."""
+
+    silo_id: str
+    x: torch.Tensor
+    y: torch.Tensor
+    dp: ExampleDP
+    steps: int  # DP-SGD steps per round
+    truncated: int  # records cut to block_size
 
 
 @dataclass
@@ -96,7 +110,7 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> RunConfig:
             f"federation.clients_per_round: {cfg.federation.clients_per_round} exceeds the "
             f"{num_clients} clients of the data"
         )
-    if p.mode == "none":
+    if p.mode != "user":  # "none"; "example" is resolved per silo (Simulation._plan_silos)
         return cfg
     delta = p.delta if p.delta is not None else default_delta(num_clients)
     if delta >= 1.0 / num_clients:
@@ -120,7 +134,9 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> RunConfig:
 
 
 def _sampling_rng(cfg: RunConfig, round_index: int) -> np.random.Generator:
-    if cfg.privacy.seeded_noise or cfg.privacy.mode == "none":
+    """Which clients take part: secret under user-level DP (the sampling is part of the mechanism);
+    in example-level mode the silos' participation is not what DP protects."""
+    if cfg.privacy.seeded_noise or cfg.privacy.mode != "user":
         return np.random.default_rng([cfg.seed, round_index, 1])
     return np.random.default_rng(secrets.randbits(128))
 
@@ -132,6 +148,11 @@ class Simulation:
         self.corpus = corpus if corpus is not None else _data.load_corpus(
             cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed
         )
+        if cfg.data.silos is not None:
+            try:
+                self.corpus = group_into_silos(self.corpus, cfg.data.silos)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.cfg = resolve_privacy(cfg, self.corpus.num_clients)
         c = self.cfg
         torch.manual_seed(c.seed)
@@ -146,7 +167,7 @@ class Simulation:
         self.algo = dp_fedavg.DPFedAvg(
             num_clients=self.corpus.num_clients,
             clients_per_round=c.federation.clients_per_round,
-            mode=c.privacy.mode,
+            mode="none" if c.privacy.mode == "example" else c.privacy.mode,  # example: plain server mean
             clip_norm=c.privacy.clip_norm,
             noise_multiplier=c.privacy.noise_multiplier or 0.0,
             server_optimizer=ServerOptimizer(c.server.optimizer, c.server.lr, c.server.beta1,
@@ -157,7 +178,47 @@ class Simulation:
         self.noise = NoiseSource(c.seed if c.privacy.seeded_noise else None)
         self.ledger = Ledger()
         # epsilon_for(self.ledger): updated whenever the ledger grows, never set otherwise.
-        self.epsilon = 0.0 if self.algo.private else math.inf
+        # Example-level mode: the largest of the silos' epsilons (silo_epsilon holds each).
+        self.example = c.privacy.mode == "example"
+        self.epsilon = 0.0 if (self.algo.private or self.example) else math.inf
+        self.silos: dict[int, SiloPlan] = self._plan_silos() if self.example else {}
+        self.silo_epsilon: dict[str, float] = {s.silo_id: 0.0 for s in self.silos.values()}
+        self.silo_stopped: dict[str, str] = {}
+
+    def _plan_silos(self) -> dict[int, SiloPlan]:
+        """Example-level mode: each silo's records, sampling rate, steps and noise, fixed up front."""
+        c, p = self.cfg, self.cfg.privacy
+        raw = {}
+        for i, cl in enumerate(self.corpus.clients):
+            records = [self.tokenizer.encode(r) for r in split_into_records(cl.train, c.data.records)]
+            x, y, truncated = record_windows(records, self.model.cfg.block_size)
+            if x.size(0) == 0:
+                raise DataError(f"silo {cl.client_id}: no training record of 2 or more tokens")
+            q = p.example.sampling_rate or min(1.0, c.client.batch_size / x.size(0))
+            raw[i] = (cl.client_id, x, y, truncated, q)
+        largest = max(r[1].size(0) for r in raw.values())
+        delta = p.delta if p.delta is not None else default_delta(largest)
+        if delta >= 1.0 / largest:
+            raise ConfigError(f"privacy.delta: {delta:g} must be below 1/n = {1 / largest:g} "
+                              f"for the largest silo ({largest} records)")
+        self.cfg.privacy.delta = delta
+        plans = {}
+        for i, (sid, x, y, truncated, q) in raw.items():
+            steps = steps_per_round(self.local, ExampleDP(q, 0.0, p.clip_norm))
+            z = p.noise_multiplier
+            if z is None:
+                z = calibrate_noise_multiplier(p.target_epsilon, q, c.federation.rounds * steps, delta,
+                                               p.accountant)
+            dp = ExampleDP(q, z, p.clip_norm, p.example.grad_sample_mode)
+            one = epsilon_for([silo_round_event(dp, steps)], delta, p.accountant)
+            if p.budget is not None and one > p.budget:
+                raise ConfigError(f"privacy.target_epsilon: budget {p.budget:g} is below one round's cost "
+                                  f"for silo {sid} (epsilon {one:.3g}: {steps} steps at q={q:.3g}, z={z:.3g})")
+            if truncated:
+                log.warning("silo %s: %d of %d records are longer than %d tokens and were truncated",
+                            sid, truncated, x.size(0), self.model.cfg.block_size)
+            plans[i] = SiloPlan(sid, x, y, dp, steps, truncated)
+        return plans
 
     # -- pieces --------------------------------------------------------------
     def contributions(self, state: dp_fedavg.ServerState, ids: list[int], on_client=None
@@ -165,6 +226,15 @@ class Simulation:
         """Local training of each sampled client, yielded one at a time (streamed)."""
         for i in ids:
             cid = self.corpus.clients[i].client_id
+            if self.example:  # DP-SGD over the silo's records; all silos weigh the same
+                plan = self.silos[i]
+                res, _ = dp_sgd_train(self.model, state.params, plan.x, plan.y, self.local, plan.dp,
+                                      self._silo_rng(state.round + 1, cid), self.noise.generator(
+                                          state.round + 1, stream=f"noise:{cid}"))
+                if on_client:
+                    on_client()
+                yield dp_fedavg.Contribution(cid, res.update, 1.0, res.loss_sum / res.steps)
+                continue
             res = local_train(self.model, state.params, self.train_tokens[i], self.local,
                               self._batch_order(state.round, cid))
             if on_client:
@@ -189,6 +259,12 @@ class Simulation:
             seed = secrets.randbits(63)
         return torch.Generator().manual_seed(seed)
 
+    def _silo_rng(self, round_index: int, silo_id: str) -> np.random.Generator:
+        """The Poisson sampling of a silo's records: part of the DP-SGD mechanism, so secret."""
+        if self.cfg.privacy.seeded_noise:
+            return np.random.default_rng(_derived_seed(self.cfg.seed, f"records:{round_index}", silo_id))
+        return np.random.Generator(np.random.Philox(key=secrets.randbits(128)))
+
     def evaluate(self, params) -> tuple[float, float]:
         loss, acc, _ = evaluate(self.model, params, self.eval_tokens, self.cfg.eval.batch_size)
         return loss, acc
@@ -201,8 +277,14 @@ class Simulation:
             noise_multiplier=p.noise_multiplier, clip_norm=p.clip_norm,
             sampling_rate=self.algo.sampling_rate, num_clients=self.algo.num_clients,
             clients_per_round=self.algo.clients_per_round, rounds_completed=rounds_completed,
-            seeded_noise=p.seeded_noise, budget=p.budget if p.mode == "user" else None,
-            stopped=stopped,
+            seeded_noise=p.seeded_noise, budget=p.budget if p.mode != "none" else None,
+            stopped=stopped, silos=[
+                {"silo": s.silo_id, "epsilon": self.silo_epsilon[s.silo_id], "records": int(s.x.size(0)),
+                 "records_truncated": s.truncated, "sampling_rate": s.dp.sampling_rate,
+                 "noise_multiplier": s.dp.noise_multiplier, "steps_per_round": s.steps,
+                 "stopped": self.silo_stopped.get(s.silo_id)}
+                for s in self.silos.values()
+            ] if self.example else None,
         )
 
     # -- the loop --------------------------------------------------------------
@@ -269,12 +351,12 @@ class Simulation:
                                 f"{ref.dtype}; is config.toml the run's own?")
         if set(params) != set(reference) or set(opt_state) != set(self.algo.server_optimizer.init(reference)):
             raise DataError(f"{rd.state_path}: its tensors do not match the model and server optimizer")
-        for r in range(1, done + 1):
+        for r in range(1, done + 1 if not self.example else 1):  # (a silo-round may cost nothing)
             if ledger.entry_for(r) is None:
                 raise DataError(f"{rd.privacy_path}: no ledger entry for round {r}, which the resume "
                                 "state says completed; refusing to under-count")
         if self.replayable:
-            later = [e.round for e in ledger if e.round > done and not e.lost]
+            later = sorted({e.round for e in ledger if e.round > done and not e.lost})
             if later and later != [done + 1]:
                 raise DataError(f"{rd.privacy_path}: ledger entries for rounds {later} after the saved "
                                 f"round {done}; the run directory is inconsistent")
@@ -285,9 +367,48 @@ class Simulation:
         self.ledger = ledger
         if self.algo.private:
             self.epsilon = epsilon_for(ledger, self.cfg.privacy.delta, self.cfg.privacy.accountant)
+        if self.example:
+            for sid in self.silo_epsilon:
+                self.silo_epsilon[sid] = epsilon_for(ledger.for_silo(sid), self.cfg.privacy.delta,
+                                                     self.cfg.privacy.accountant)
+            self.epsilon = max(self.silo_epsilon.values())
         rd.write_privacy(self.privacy_record(done))
         metrics = [m for m in rd.read_metrics() if m.get("round", 0) <= done]
         return dp_fedavg.ServerState(params=params, opt_state=opt_state, round=done), metrics
+
+    def _pay_silos(self, rd: RunDir, r: int) -> tuple[list[int], str | None]:
+        """Example-level mode: which silos train in round ``r``, each having paid first.
+
+        Each taking-part silo's budget is checked against its own ledger; a silo
+        whose next round would exceed the budget stops contributing (for good).
+        The entries are durable before any silo trains. Returns (silos, stop reason).
+        """
+        c, p = self.cfg, self.cfg.privacy
+        ids = self.algo.sample_clients(_sampling_rng(c, r))
+        paid = {e.silo for e in self.ledger if e.round == r and not e.lost and e.silo is not None}
+        if paid:  # a resumed (seeded) replay: exactly the silos that paid
+            return [i for i in ids if self.silos[i].silo_id in paid], None
+        active = []
+        for i in ids:
+            plan = self.silos[i]
+            sid = plan.silo_id
+            if sid in self.silo_stopped:
+                continue
+            event = silo_round_event(plan.dp, plan.steps)
+            eps = epsilon_for([*self.ledger.for_silo(sid), event], p.delta, p.accountant)
+            if p.budget is not None and eps > p.budget:
+                self.silo_stopped[sid] = (f"stopped before round {r}: it would raise the silo's epsilon "
+                                          f"to {eps:.4f}, above the budget {p.budget:g}")
+                log.warning("silo %s %s", sid, self.silo_stopped[sid])
+                continue
+            self.ledger.append(r, event, silo=sid)
+            self.silo_epsilon[sid] = eps
+            active.append(i)
+        if len(self.silo_stopped) == len(self.silos):
+            return [], f"budget stop: every silo has reached its budget; round {r} did not run"
+        self.epsilon = max(self.silo_epsilon.values())
+        rd.write_privacy(self.privacy_record(r - 1))
+        return active, None
 
     def _checkpoint(self, rd: RunDir, round_index: int, params: dict) -> None:
         rd.save_checkpoint(round_index, to_checkpoint(self.model, params))
@@ -295,7 +416,7 @@ class Simulation:
     @property
     def replayable(self) -> bool:
         """Whether a round is a pure function of (state, round): seeded or non-private."""
-        return self.cfg.privacy.seeded_noise or not self.algo.private
+        return self.cfg.privacy.seeded_noise or self.cfg.privacy.mode == "none"
 
     def _loop(self, rd: RunDir, state: dp_fedavg.ServerState, metrics: list[dict], progress: bool,
               stop_when: Callable[[dict], bool] | None) -> RunResult:
@@ -313,36 +434,42 @@ class Simulation:
             for r in range(state.round + 1, c.federation.rounds + 1):
                 t0 = time.perf_counter()
                 # 1. Budget check, then the round's privacy cost, durable before anything else.
-                event = self.algo.round_event()
-                eps = self.epsilon if self.algo.private else None
-                paid = self.ledger.entry_for(r)
-                if paid is not None:  # a resumed replay of a round already paid for
-                    if paid.event != event:
-                        raise DataError(f"{rd.privacy_path}: round {r} was paid for with a different "
-                                        "mechanism than config.toml describes")
-                else:
-                    if self.algo.private:
-                        eps = epsilon_for([*self.ledger.events, event], c.privacy.delta, c.privacy.accountant)
-                        budget = c.privacy.budget
-                        if budget is not None and eps > budget:
-                            stopped = (f"budget stop: round {r} would raise epsilon to {eps:.4f}, "
-                                       f"above the budget {budget:g}; it did not run")
-                            break
-                    self.ledger.append(r, event)
-                    if eps is not None:
-                        self.epsilon = eps  # the ledger now is exactly what the check composed
-                    rd.write_privacy(self.privacy_record(r - 1))
-                fault_point("ledger-written", r)
-                # 2. Sample, train, aggregate (streamed), noise, server step.
                 if self.replayable:  # e.g. dropout: make the round a function of (state, r)
                     torch.manual_seed(_derived_seed(c.seed, "torch", r))
-                ids = self.algo.sample_clients(_sampling_rng(c, r))
+                if self.example:
+                    ids, stopped = self._pay_silos(rd, r)
+                    eps = self.epsilon
+                    if stopped:
+                        break
+                else:
+                    event = self.algo.round_event()
+                    eps = self.epsilon if self.algo.private else None
+                    paid = self.ledger.entry_for(r)
+                    if paid is not None:  # a resumed replay of a round already paid for
+                        if paid.event != event:
+                            raise DataError(f"{rd.privacy_path}: round {r} was paid for with a different "
+                                            "mechanism than config.toml describes")
+                    else:
+                        if self.algo.private:
+                            eps = epsilon_for([*self.ledger.events, event], c.privacy.delta, c.privacy.accountant)
+                            budget = c.privacy.budget
+                            if budget is not None and eps > budget:
+                                stopped = (f"budget stop: round {r} would raise epsilon to {eps:.4f}, "
+                                           f"above the budget {budget:g}; it did not run")
+                                break
+                        self.ledger.append(r, event)
+                        if eps is not None:
+                            self.epsilon = eps  # the ledger now is exactly what the check composed
+                        rd.write_privacy(self.privacy_record(r - 1))
+                    # 2. Sample (after the entry is durable), train, aggregate, noise, server step.
+                    ids = self.algo.sample_clients(_sampling_rng(c, r))
+                fault_point("ledger-written", r)
                 if bar:
                     bar.reset(clients_task, total=len(ids))
                 advance = (lambda: bar.advance(clients_task)) if bar else None
                 state, stats = dp_fedavg.apply(
                     self.algo, state, self.contributions(state, ids, advance),
-                    self.noise.generator(r) if self.algo.private else None,
+                    self.noise.generator(r) if self.algo.private else None,  # example: noise is in DP-SGD
                 )
                 fault_point("aggregated", r)
                 # 3. Release: metrics, checkpoint, resume state, privacy.json with the completed count.
