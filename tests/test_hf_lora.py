@@ -6,7 +6,6 @@ with a tokenizer trained here, to a temp directory (no download)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
