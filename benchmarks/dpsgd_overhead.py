@@ -81,7 +81,7 @@ def main() -> None:
             return lambda: dp_sgd_train(model, params, x, y, cfg, spec, np.random.default_rng(0),
                                         np.random.default_rng(1))
 
-        fns = {"none": plain, "hooks": dp("hooks"), "functorch": dp("functorch")}
+        fns = {"none": plain, "hooks": dp("hooks"), "functorch": dp("functorch"), "ghost": dp("ghost")}
         times = {k: [] for k in fns}
         for _ in range(args.reps):  # interleaved, so machine noise hits every variant alike
             for k, fn in fns.items():
@@ -91,7 +91,7 @@ def main() -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         row = {"model": name, "trainable_params": trainable, "batch": args.batch, "block": args.block,
                "steps": args.steps, "seconds": med,
-               "overhead": {k: med[k] / med["none"] for k in ("hooks", "functorch")}}
+               "overhead": {k: med[k] / med["none"] for k in ("hooks", "functorch", "ghost")}}
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ def _explicit_clipped_sum(model, x, y, clip_norm):
     return total
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
 def test_opacus_clipped_sum_equals_an_explicit_per_record_loop(mode):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, n_layer=2, n_embd=16, n_head=2))
@@ -59,7 +59,8 @@ def test_opacus_clipped_sum_equals_an_explicit_per_record_loop(mode):
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())  # hooks removed
 
 
-def test_lora_model_per_record_grads(tmp_path):
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_lora_model_per_record_grads(mode):
     transformers = pytest.importorskip("transformers")
     from peft import LoraConfig, get_peft_model
 
@@ -71,7 +72,7 @@ def test_lora_model_per_record_grads(tmp_path):
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # no dropout: batch and per-record passes agree
     model = LoRACausalLM(get_peft_model(base, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM")), 16)
     x, y, _ = record_windows([torch.randint(0, 300, (n,)) for n in (7, 20, 11)], 16)
-    got = clipped_sum_of_record_grads(model, x, y, 0.05)
+    got = clipped_sum_of_record_grads(model, x, y, 0.05, mode)
     want = _explicit_clipped_sum(model, x, y, 0.05)
     assert set(got) == set(want) and all("lora_" in n for n in got)
     for n in want:

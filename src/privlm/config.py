@@ -131,7 +131,7 @@ class ServerConfig(_Section):
 class ExampleLevelConfig(_Section):
     # q: each record's chance to be in a DP-SGD batch; default client.batch_size / records of the silo
     sampling_rate: float | None = Field(None, gt=0, le=1)
-    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"  # Opacus per-example gradients
+    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"  # Opacus per-example gradients
 
 
 class PrivacyConfig(_Section):

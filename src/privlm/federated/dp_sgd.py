@@ -6,9 +6,11 @@ note, a line), and each silo runs DP-SGD over its own records. One step:
 1. Poisson-sample the silo's records: each independently with probability q,
    from a generator keyed by the OS CSPRNG (or seeded, in tests);
 2. per-record gradients of the trainable tensors with Opacus's
-   ``GradSampleModule`` (hooks or functorch; never re-implemented here);
+   ``GradSampleModule`` (hooks or functorch; never re-implemented here), or
+   only their norms with Opacus's ghost clipping (two backward passes);
 3. clip each record's gradient to L2 norm C over all trainable tensors
-   together and sum (Opacus ``DPOptimizer.clip_and_accumulate``);
+   together and sum (Opacus ``DPOptimizer.clip_and_accumulate``, or the
+   ghost-clipping loss wrapper);
 4. add ONE Gaussian draw N(0, (zC)^2) per coordinate to the sum, from
    privlm's noise source (Philox keyed with 128 CSPRNG bits, as for DP-FedAvg;
    Opacus's own secure mode needs torchcsprng), and divide by the expected
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from privlm.federated.client import ClientResult, LocalTraining, make_optimizer, set_params
 
 Params = dict[str, torch.Tensor]
-GradSampleMode = Literal["hooks", "functorch"]
+GradSampleMode = Literal["hooks", "functorch", "ghost"]
 
 
 @dataclass(frozen=True)
@@ -85,26 +87,37 @@ def record_windows(records: list[torch.Tensor], block_size: int) -> tuple[torch.
     return x, y, truncated
 
 
-def per_record_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean over records of each record's mean next-token loss (Opacus ``loss_reduction="mean"``)."""
+def per_record_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each record's mean next-token loss, shape [records]."""
     logits = model(x)
     tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
                           reduction="none").view(y.shape)
     counts = (y >= 0).sum(1).clamp(min=1)
-    return (tok.sum(1) / counts).mean()
+    return tok.sum(1) / counts
+
+
+def per_record_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean over records of each record's mean next-token loss (Opacus ``loss_reduction="mean"``)."""
+    return per_record_losses(model, x, y).mean()
 
 
 @contextmanager
-def _per_sample_grads(model: nn.Module, mode: GradSampleMode):
+def _per_sample_grads(model: nn.Module, mode: GradSampleMode, clip_norm: float):
     """Opacus's GradSampleModule around ``model`` for the duration; hooks removed after."""
     from opacus import GradSampleModule
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
     with warnings.catch_warnings():
         # Opacus's hooks on a model whose inputs (token ids) need no grad; functorch under autocast.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="In CPU autocast")
-        gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False,
-                               force_functorch=mode == "functorch")
+        if mode == "ghost":
+            gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                       strict=False, max_grad_norm=clip_norm,
+                                                       use_ghost_clipping=True)
+        else:
+            gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False,
+                                   force_functorch=mode == "functorch")
         try:
             yield gsm
         finally:
@@ -113,10 +126,12 @@ def _per_sample_grads(model: nn.Module, mode: GradSampleMode):
 
 def _dp_optimizer(optimizer: torch.optim.Optimizer, dp: ExampleDP, expected_batch: int,
                   noise: np.random.Generator):
-    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    class _Optimizer(DPOptimizer):
+    base = DPOptimizerFastGradientClipping if dp.grad_sample_mode == "ghost" else DPOptimizer
+
+    class _Optimizer(base):
         """Opacus's DPOptimizer with privlm's noise source (float64 draw, CSPRNG key)."""
 
         def add_noise(self) -> None:
@@ -145,7 +160,7 @@ def dp_sgd_train(
     set_params(model, global_params)
     model.train()
     n = x.size(0)
-    with _per_sample_grads(model, dp.grad_sample_mode) as gsm:
+    with _per_sample_grads(model, dp.grad_sample_mode, dp.clip_norm) as gsm:
         opt = _dp_optimizer(make_optimizer(model, cfg), dp, max(1, round(dp.sampling_rate * n)), noise)
         steps = steps_per_round(cfg, dp)
         loss_sum, nonempty = 0.0, 0
@@ -153,27 +168,43 @@ def dp_sgd_train(
             opt.zero_grad(set_to_none=True)
             idx = torch.from_numpy(np.flatnonzero(sampling.random(n) < dp.sampling_rate))
             if idx.numel():
-                loss = per_record_loss(gsm, x[idx], y[idx])
-                loss.backward()
-                loss_sum += loss.item()
+                loss_sum += _clipped_backward(gsm, opt, x[idx], y[idx], dp.grad_sample_mode)
                 nonempty += 1
             else:  # an empty Poisson batch is still a step: the sum is zero, the noise is not
                 for p in opt.params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    if dp.grad_sample_mode == "ghost":
+                        p.grad = torch.zeros_like(p)
+                    else:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
             opt.step()
     update = {k: p.detach() - global_params[k] for k, p in model.named_parameters() if k in global_params}
     num = int((y >= 0).sum())
     return ClientResult(update=update, num_tokens=num, loss_sum=loss_sum, steps=nonempty or 1), steps
 
 
+def _clipped_backward(gsm, opt, x: torch.Tensor, y: torch.Tensor, mode: GradSampleMode) -> float:
+    """Backward pass leaving what ``opt.step`` needs: per-record grads, or (ghost) their clipped sum."""
+    if mode == "ghost":
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        losses = per_record_losses(gsm, x, y)
+        DPTensorFastGradientClipping(gsm, opt, losses, "mean").backward()
+        return float(losses.detach().mean())
+    loss = per_record_loss(gsm, x, y)
+    loss.backward()
+    return loss.item()
+
+
 def clipped_sum_of_record_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                                 clip_norm: float, mode: GradSampleMode = "hooks") -> Params:
     """Opacus's clipped, summed per-record gradients of one batch (no noise): for tests/audits."""
-    with _per_sample_grads(model, mode) as gsm:
+    with _per_sample_grads(model, mode, clip_norm) as gsm:
         dp = ExampleDP(1.0, 0.0, clip_norm, mode)
         opt = _dp_optimizer(make_optimizer(model, LocalTraining(lr=0.0, optimizer="sgd")), dp, x.size(0),
                             np.random.default_rng(0))
         opt.zero_grad(set_to_none=True)
-        per_record_loss(gsm, x, y).backward()
+        _clipped_backward(gsm, opt, x, y, mode)
+        if mode == "ghost":  # the second backward pass left the clipped sum in .grad
+            return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         opt.clip_and_accumulate()
         return {n: p.summed_grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

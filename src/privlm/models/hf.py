@@ -89,7 +89,7 @@ class LoRACausalLM(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
         # Explicit [batch, seq] position ids (GPT-2 under Opacus needs them: opacus#841).
-        pos = torch.arange(T, device=idx.device).unsqueeze(0).expand(B, T)
+        pos = torch.arange(T, device=idx.device).unsqueeze(0).expand(B, T).contiguous()
         return self.peft(input_ids=idx, position_ids=pos, use_cache=False).logits
 
     @torch.no_grad()

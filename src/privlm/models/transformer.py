@@ -97,8 +97,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
-        # [B, T] position ids, so per-example gradient hooks (Opacus) see a batch dimension.
-        pos = torch.arange(T, device=idx.device).unsqueeze(0).expand(B, T)
+        # [B, T] position ids, so per-example gradient hooks (Opacus) see a batch dimension;
+        # contiguous, as Opacus's ghost-clipping embedding norm needs.
+        pos = torch.arange(T, device=idx.device).unsqueeze(0).expand(B, T).contiguous()
         x = self.tok_emb(idx) + self.pos_emb(pos)
         for block in self.blocks:
             x = block(x)
