@@ -131,6 +131,7 @@ def test_resolve_model_path(tmp_path, tiny_model, monkeypatch):
     assert resolve_model_path("fake-llm-pkg") == (pkg, "weights.Q4.gguf")
     with pytest.raises(ConfigError, match="model.path: nowhere-xyz is not a model directory"):
         resolve_model_path("nowhere-xyz")
+    assert resolve_model_path("SomeOrg/some-model") == (Path("SomeOrg/some-model"), None)  # a hub id
     with pytest.raises(ConfigError, match="model.path: cannot load a causal LM from .*m.gguf"):
         Simulation(_cfg(g))  # not really a GGUF
     (tmp_path / "empty").mkdir()

@@ -18,6 +18,7 @@ next to ``adapter_config.json`` for ``PeftModel.from_pretrained``.
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +59,10 @@ def resolve_model_path(path: str) -> tuple[Path, str | None]:
         if len(ggufs) == 1:
             return pkg, ggufs[0].name
         raise ConfigError(f"model.path: package {path} ships {len(ggufs)} .gguf files, not one")
-    raise ConfigError(f"model.path: {path} is not a model directory, a .gguf file or an installed "
-                      "package with a GGUF (no download is attempted)")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path):  # a hub id: from the local cache, or downloaded
+        return Path(path), None
+    raise ConfigError(f"model.path: {path} is not a model directory, a .gguf file, an installed "
+                      "package with a GGUF, or a hub id (owner/name)")
 
 
 class HFTokenizer:
@@ -139,10 +142,12 @@ def load_lora_model(path: str, lora, dtype: str, max_length: int) -> tuple[LoRAC
     directory, gguf = resolve_model_path(path)
     hf_logging.set_verbosity_error()
     kw = {"gguf_file": gguf} if gguf else {}
+    # A local directory never triggers a download; a hub id uses the cache or the network
+    # (HF_HUB_OFFLINE=1 keeps it to the cache).
+    kw["local_files_only"] = directory.exists()
     try:
-        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **kw)
-        base = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True,
-                                                    dtype=_DTYPES[dtype], **kw)
+        tok = AutoTokenizer.from_pretrained(str(directory), **kw)
+        base = AutoModelForCausalLM.from_pretrained(str(directory), dtype=_DTYPES[dtype], **kw)
     except Exception as e:  # transformers/gguf raise many kinds; all mean "not loadable"
         where = directory / gguf if gguf else directory
         first = (str(e).splitlines() or [""])[0][:200]
