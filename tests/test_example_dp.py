@@ -85,11 +85,11 @@ def test_empty_poisson_batches_are_noise_only_steps():
     x, y, _ = record_windows([torch.randint(0, 256, (6,)) for _ in range(3)], 8)
     params = get_params(model)
     dp = ExampleDP(sampling_rate=1e-9, noise_multiplier=1.0, clip_norm=1.0)  # never samples anyone
-    res, steps = dp_sgd_train(model, params, x, y, LocalTraining(steps=4, lr=0.1, optimizer="sgd"), dp,
+    res, steps = dp_sgd_train(model, params, x, y, LocalTraining(steps=4, batch_size=1, lr=0.1, optimizer="sgd"), dp,
                               np.random.default_rng(0), np.random.default_rng(1))
     assert steps == 4
     flat = torch.cat([u.flatten() for u in res.update.values()])
-    # 4 SGD steps of lr 0.1 on pure noise N(0, C^2) / expected batch (1): std 0.1 * sqrt(4) = 0.2
+    # 4 SGD steps of lr 0.1 on pure noise N(0, C^2) / batch size (1): std 0.1 * sqrt(4) = 0.2
     assert flat.std().item() == pytest.approx(0.2, rel=0.05)
 
 

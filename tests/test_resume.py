@@ -162,7 +162,7 @@ def _broken_copy(reference: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["truncate-state", "garbage-privacy", "no-state", "bad-ledger",
-                                    "ledger-gap"])
+                                    "ledger-gap", "stale-ledger", "other-mode"])
 def test_corrupt_files_are_an_error_never_a_fresh_start(tmp_path, reference, damage):
     out = _broken_copy(reference, tmp_path)
     state, priv = out / "state.safetensors", out / "privacy.json"
@@ -180,11 +180,21 @@ def test_corrupt_files_are_an_error_never_a_fresh_start(tmp_path, reference, dam
         rec["ledger"][1]["event"]["class"] = "os.system"
         priv.write_text(json.dumps(rec))
         match = "privacy.json: corrupt ledger"
-    else:
+    elif damage == "ledger-gap":
         rec = json.loads(priv.read_text())
         del rec["ledger"][2]
         priv.write_text(json.dumps(rec))
-        match = "no ledger entry for round 3"
+        match = "refusing to under-count"
+    elif damage == "stale-ledger":  # an older privacy.json next to a newer state
+        rec = json.loads(priv.read_text())
+        del rec["ledger"][-1]
+        priv.write_text(json.dumps(rec))
+        match = "saved after 6; refusing to under-count"
+    else:
+        rec = json.loads(priv.read_text())
+        rec["mode"] = "example"
+        priv.write_text(json.dumps(rec))
+        match = "does not match config.toml"
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     with pytest.raises(DataError, match=match):
         resume(out, progress=False)

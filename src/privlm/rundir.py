@@ -148,15 +148,20 @@ class RunDir:
         return path
 
     def save_state(self, round_index: int, params: dict[str, torch.Tensor],
-                   opt_state: dict[str, dict[str, torch.Tensor]]) -> None:
+                   opt_state: dict[str, dict[str, torch.Tensor]], ledger_entries: int = 0) -> None:
         """The resume state after ``round_index``: parameters and server-optimizer slots."""
         tensors = {f"params/{k}": v.detach().contiguous() for k, v in params.items()}
         for slot, values in opt_state.items():
             tensors.update({f"opt/{slot}/{k}": v.detach().contiguous() for k, v in values.items()})
-        atomic_write(self.state_path, save(tensors, metadata={"round": str(round_index)}))
+        # ledger_entries: how many ledger entries had paid when this state was made (a resume
+        # refuses a ledger shorter than that: a stale or swapped privacy.json).
+        # One metadata key: safetensors writes several in no fixed order, and the chaos test
+        # compares state files byte for byte.
+        meta = {"state": json.dumps({"round": round_index, "ledger_entries": ledger_entries})}
+        atomic_write(self.state_path, save(tensors, metadata=meta))
 
     # -- reading -----------------------------------------------------------
-    def load_state(self) -> tuple[int, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    def load_state(self) -> tuple[int, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], int]:
         """Inverse of :meth:`save_state`; a missing or corrupt file is an error, never a fresh start."""
         path = self.state_path
         if not path.exists():
@@ -166,7 +171,8 @@ class RunDir:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            round_index = int(meta["round"])
+            info = json.loads(meta["state"])
+            round_index, ledger_entries = int(info["round"]), int(info["ledger_entries"])
         except Exception as e:  # safetensors raises its own error types
             raise DataError(f"{path}: corrupt resume state ({type(e).__name__}: {e})") from None
         params: dict[str, torch.Tensor] = {}
@@ -180,7 +186,7 @@ class RunDir:
                 opt_state.setdefault(slot, {})[name] = t
             else:
                 raise DataError(f"{path}: corrupt resume state (unexpected tensor {key!r})")
-        return round_index, params, opt_state
+        return round_index, params, opt_state, ledger_entries
 
     def read_privacy(self) -> dict:
         return read_json(self.privacy_path)

@@ -122,6 +122,14 @@ def _per_sample_grads(model: nn.Module, mode: GradSampleMode, clip_norm: float):
             yield gsm
         finally:
             gsm._close()  # remove hooks and grad_sample attributes from the shared model
+            for m in model.modules():  # and what an exception mid-step could leave behind
+                for attr in ("activations", "max_batch_len"):
+                    if hasattr(m, attr):
+                        delattr(m, attr)
+            for p in model.parameters():
+                if hasattr(p, "summed_grad"):
+                    del p.summed_grad
+                p.grad = None
 
 
 def _dp_optimizer(optimizer: torch.optim.Optimizer, dp: ExampleDP, expected_batch: int,
@@ -138,7 +146,7 @@ def _dp_optimizer(optimizer: torch.optim.Optimizer, dp: ExampleDP, expected_batc
             std = self.noise_multiplier * self.max_grad_norm
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
-                z = torch.from_numpy(noise.standard_normal(tuple(p.summed_grad.shape)))
+                z = torch.from_numpy(noise.standard_normal(tuple(p.summed_grad.shape))).to(p.summed_grad.device)
                 p.grad = (p.summed_grad.to(torch.float64) + z * std).to(p.summed_grad.dtype).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
@@ -161,7 +169,9 @@ def dp_sgd_train(
     model.train()
     n = x.size(0)
     with _per_sample_grads(model, dp.grad_sample_mode, dp.clip_norm) as gsm:
-        opt = _dp_optimizer(make_optimizer(model, cfg), dp, max(1, round(dp.sampling_rate * n)), noise)
+        # The step's noised sum is divided by the configured batch size, a public constant
+        # (not q*n, which would depend on the silo's data size).
+        opt = _dp_optimizer(make_optimizer(model, cfg), dp, cfg.batch_size, noise)
         steps = steps_per_round(cfg, dp)
         loss_sum, nonempty = 0.0, 0
         for _ in range(steps):
@@ -175,7 +185,7 @@ def dp_sgd_train(
                     if dp.grad_sample_mode == "ghost":
                         p.grad = torch.zeros_like(p)
                     else:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             opt.step()
     update = {k: p.detach() - global_params[k] for k, p in model.named_parameters() if k in global_params}
     num = int((y >= 0).sum())

@@ -280,7 +280,7 @@ class Simulation:
             seeded_noise=p.seeded_noise, budget=p.budget if p.mode != "none" else None,
             stopped=stopped, silos=[
                 {"silo": s.silo_id, "epsilon": self.silo_epsilon[s.silo_id], "records": int(s.x.size(0)),
-                 "records_truncated": s.truncated, "sampling_rate": s.dp.sampling_rate,
+                 "sampling_rate": s.dp.sampling_rate,
                  "noise_multiplier": s.dp.noise_multiplier, "steps_per_round": s.steps,
                  "stopped": self.silo_stopped.get(s.silo_id)}
                 for s in self.silos.values()
@@ -313,7 +313,7 @@ class Simulation:
         if hasattr(self.model, "save_adapter_config"):
             self.model.save_adapter_config(rd.path / "checkpoints")
         self._checkpoint(rd, 0, state.params)
-        rd.save_state(0, state.params, state.opt_state)
+        rd.save_state(0, state.params, state.opt_state, len(self.ledger))
         return state, []
 
     def _resume(self, rd: RunDir) -> tuple[dp_fedavg.ServerState, list[dict]]:
@@ -336,6 +336,11 @@ class Simulation:
             log.warning("%s: the run had not started; starting it from round 0", rd.path)
             return self._start(rd, restart=True)
         record = rd.read_privacy()
+        if not isinstance(record, dict):
+            raise DataError(f"{rd.privacy_path}: corrupt (not a JSON object)")
+        if record.get("mode") != self.cfg.privacy.mode:
+            raise DataError(f"{rd.privacy_path}: mode {record.get('mode')!r} does not match config.toml's "
+                            f"{self.cfg.privacy.mode!r}")
         try:
             ledger = Ledger.from_list(record.get("ledger"))
         except ValueError as e:
@@ -343,7 +348,14 @@ class Simulation:
         if not rd.state_path.exists() and len(ledger) == 0:
             log.warning("%s: the run had not started; starting it from round 0", rd.path)
             return self._start(rd, restart=True)
-        done, params, opt_state = rd.load_state()
+        done, params, opt_state, paid_entries = rd.load_state()
+        if len(ledger) < paid_entries:
+            raise DataError(f"{rd.privacy_path}: {len(ledger)} ledger entries, but the resume state was "
+                            f"saved after {paid_entries}; refusing to under-count (stale privacy.json?)")
+        unknown = set(ledger.silos()) - set(self.silo_epsilon)
+        if unknown:
+            raise DataError(f"{rd.privacy_path}: ledger has silos {sorted(unknown)[:3]} that the data "
+                            "no longer has; refusing to forget what they spent")
         reference = get_params(self.model)
         for name, ref in reference.items():
             if name not in params or params[name].shape != ref.shape or params[name].dtype != ref.dtype:
@@ -386,7 +398,13 @@ class Simulation:
         c, p = self.cfg, self.cfg.privacy
         ids = self.algo.sample_clients(_sampling_rng(c, r))
         paid = {e.silo for e in self.ledger if e.round == r and not e.lost and e.silo is not None}
-        if paid:  # a resumed (seeded) replay: exactly the silos that paid
+        if paid:  # a resumed (seeded) replay: exactly the silos that paid, with the planned events
+            for e in self.ledger:
+                if e.round == r and not e.lost and e.silo is not None:
+                    plan = next(s for s in self.silos.values() if s.silo_id == e.silo)
+                    if e.event != silo_round_event(plan.dp, plan.steps):
+                        raise DataError(f"{rd.privacy_path}: round {r} of silo {e.silo} was paid for with "
+                                        "a different mechanism than config.toml describes")
             return [i for i in ids if self.silos[i].silo_id in paid], None
         active = []
         for i in ids:
@@ -421,7 +439,7 @@ class Simulation:
     def _loop(self, rd: RunDir, state: dp_fedavg.ServerState, metrics: list[dict], progress: bool,
               stop_when: Callable[[dict], bool] | None) -> RunResult:
         c = self.cfg
-        if c.privacy.seeded_noise and c.privacy.mode == "user":
+        if c.privacy.seeded_noise and c.privacy.mode != "none":
             log.warning("privacy.seeded_noise = true: noise is NOT secure; the guarantee does not hold")
         stopped = None
         evals = [m for m in metrics if m.get("eval_loss") is not None]
@@ -494,7 +512,7 @@ class Simulation:
                 if r % c.output.checkpoint_every == 0 or r == c.federation.rounds:
                     self._checkpoint(rd, r, state.params)
                     fault_point("checkpoint-written", r)
-                rd.save_state(r, state.params, state.opt_state)
+                rd.save_state(r, state.params, state.opt_state, len(self.ledger))
                 fault_point("state-written", r)
                 rd.write_privacy(self.privacy_record(r))
                 if stop_when is not None and stop_when(row):
