@@ -59,11 +59,6 @@ def _crash(cfg_path: Path, out: Path, point: str) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
-def _final(run_dir: Path) -> dict:
-    out = chaos._final(run_dir)
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("ref")
@@ -86,7 +81,7 @@ def test_seeded_run_killed_anywhere_resumes_to_the_same_result(tmp_path, referen
     res = resume(out, progress=False)
     assert res.rounds_completed == ROUNDS
     assert not list(out.glob(".*.tmp")) and not list((out / "checkpoints").glob(".*.tmp"))
-    got, want = _final(out), _final(reference)
+    got, want = chaos._final(out), chaos._final(reference)
     for key in want:
         assert got[key] == want[key], f"{key} differs after a crash at {point}"
     # What was spent before the crash is still in the ledger (a prefix of the final one).

@@ -527,7 +527,7 @@ class Simulation:
             log.warning(stopped)
             if completed and completed % c.output.checkpoint_every:
                 self._checkpoint(rd, completed, state.params)
-        if completed and (math.isnan(eval_loss) or metrics and metrics[-1]["eval_loss"] is None):
+        if completed and (math.isnan(eval_loss) or (metrics and metrics[-1]["eval_loss"] is None)):
             eval_loss, eval_acc = self.evaluate(state.params)
         record = self.privacy_record(completed, stopped)
         rd.write_privacy(record)
