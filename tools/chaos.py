@@ -28,10 +28,12 @@ from pathlib import Path
 
 import tomli_w
 
-# A small seeded run (synthetic clinic, tiny model): ~0.3 s a round on 2 cores.
+# A small seeded run (synthetic clinic, tiny model): ~0.3 s a round on 2 cores. Scrubbing is off:
+# its start-up time would dwarf the rounds the timer aims at (the kill-point tests in
+# tests/test_resume.py resume runs with scrubbing on).
 CONFIG = {
     "seed": 7,
-    "data": {"source": "synthetic-clinic", "num_clients": 120},
+    "data": {"source": "synthetic-clinic", "num_clients": 120, "scrub": {"enabled": False}},
     "model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 32},
     "client": {"local_steps": 2, "batch_size": 4, "optimizer": "adam", "lr": 0.01},
     "federation": {"rounds": 24, "clients_per_round": 12},

@@ -61,11 +61,16 @@ def run(
             cfg = load_config(open_run_dir(resume).config_path, [])
         else:
             cfg = load_config(config, set_ or [])
-        sim = Simulation(cfg)
+        from privlm.audit import load_plan
+
+        sim = Simulation(cfg, progress=not no_progress, audit_plan=load_plan(resume) if resume is not None else None)
         st = sim.corpus.stats()
         p = sim.cfg.privacy
         console.print(f"data: {st['name']}: {st['num_clients']} clients, "
                       f"{st['train_chars']:,} training / {st['test_chars']:,} held-out characters")
+        if sim.scrub_counts is not None:
+            found = ", ".join(f"{k} {v:,}" for k, v in sim.scrub_counts.items()) or "nothing found"
+            console.print(f"scrubbed PII on each client ({cfg.data.scrub.operator}): {found}")
         if p.mode == "example":
             console.print(f"privacy: example-level DP-SGD (Opacus) in each of {len(sim.silos)} silos, "
                           f"C={p.clip_norm}, delta={p.delta:.3g}, budget epsilon={p.budget}")
@@ -266,3 +271,143 @@ def tokenizer_train(
         _fail(e)
         return
     console.print(f"tokenizer ({vocab_size} tokens, from {len(files)} file(s)): [bold]{path}[/]")
+
+
+def _entities_option(entities: str | None) -> tuple[str, ...] | None:
+    if entities is None:
+        return None
+    from privlm.pii import SUPPORTED_ENTITIES
+
+    names = tuple(e.strip() for e in entities.split(",") if e.strip())
+    unknown = [e for e in names if e not in SUPPORTED_ENTITIES]
+    if not names or unknown:
+        raise PrivlmError(f"--entities: unknown entity type {unknown[0] if unknown else entities!r}; "
+                          f"known: {', '.join(SUPPORTED_ENTITIES)}")
+    return names
+
+
+@app.command()
+def scrub(
+    src: Annotated[Path, typer.Argument(help="A .txt/.jsonl file, or a directory of them.")],
+    dst: Annotated[Path, typer.Argument(help="Output file or directory (never overwritten).")],
+    fmt: Annotated[str, typer.Option("--format", help="txt (line by line) or jsonl (the 'text' field).")] = "txt",
+    operator: Annotated[str, typer.Option("--operator", help="placeholder (<PERSON>) or pseudonym.")] = "placeholder",
+    entities: Annotated[Optional[str], typer.Option("--entities", help="Comma-separated entity types.")] = None,
+    spacy_model: Annotated[Optional[str], typer.Option("--spacy-model", help="Installed spaCy model for NER.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes (default: CPU cores).")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Replace PII (Presidio, offline) in text files before they are used for training."""
+    from privlm.data.scrub import ScrubSettings, scrub_path
+    from privlm.pii import OPERATORS
+
+    try:
+        if operator not in OPERATORS:
+            raise PrivlmError(f"--operator: must be one of {', '.join(OPERATORS)} (got {operator!r})")
+        if workers is not None and workers < 1:
+            raise PrivlmError(f"--workers: must be at least 1 (got {workers})")
+        settings = ScrubSettings(_entities_option(entities), operator, spacy_model)
+        counts = scrub_path(src, dst, fmt, settings, progress=not no_progress, workers=workers)
+    except PrivlmError as e:
+        _fail(e)
+        return
+    found = ", ".join(f"{k} {v:,}" for k, v in counts.items()) or "no PII found"
+    console.print(f"scrubbed into [bold]{escape(str(dst))}[/]: {found}")
+
+
+@app.command("scrub-eval")
+def scrub_eval(
+    gold: Annotated[Path, typer.Argument(help="Presidio-research style JSON: [{full_text, spans: [...]}, ...].")],
+    spacy_model: Annotated[Optional[str], typer.Option("--spacy-model", help="Installed spaCy model for NER.")] = None,
+    entities: Annotated[Optional[str], typer.Option("--entities", help="Comma-separated entity types.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores here.")] = None,
+) -> None:
+    """Span-level recall and precision of the PII detector per entity type on a gold file."""
+    import json
+
+    from rich.table import Table
+
+    from privlm.pii import Detector, evaluate, read_gold
+
+    try:
+        docs = read_gold(gold)
+        detector = Detector(_entities_option(entities), spacy_model)
+        report = evaluate(detector, docs)
+    except PrivlmError as e:
+        _fail(e)
+        return
+    table = Table(title=f"PII detection on {gold.name} ({len(docs):,} texts; "
+                        f"{'NER ' + spacy_model if spacy_model else 'patterns only'})")
+    for col in ("entity type", "gold", "found", "recall", "detected", "precision"):
+        table.add_column(col, justify="left" if col == "entity type" else "right")
+
+    def pct(x: float) -> str:
+        return "-" if math.isnan(x) else f"{x:.3f}"
+
+    for etype, r in report.items():
+        table.add_row(etype, str(r["gold"]), str(r["found"]), pct(r["recall"]), str(r["detected"]),
+                      pct(r["precision"]))
+    console.print(table)
+    console.print("recall: a gold span counts only if all its letters and digits are covered by detections "
+                  "of its type; precision: detections that overlap a gold span of their type.")
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    references: Annotated[int, typer.Option("--references", help="Random reference secrets for exposure.")] = 2000,
+    generations: Annotated[int, typer.Option("--generations", help="Samples for the PII-leakage attack (0: skip).")] = 50,
+    guesses: Annotated[Optional[int], typer.Option("--guesses", help="One-run audit: canaries guessed (default M/5).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed the audit's own randomness.")] = None,
+) -> None:
+    """Try to break the run's guarantee: canary exposure, one-run ε lower bound, membership
+    inference, PII in generations. Writes audit.json and the report's audit section; exits 1 if
+    the measured lower bound on ε exceeds the claimed ε (an implementation bug)."""
+    from privlm.audit import run_audit
+
+    try:
+        if references < 2:
+            raise PrivlmError(f"--references: must be at least 2 (got {references})")
+        if generations < 0:
+            raise PrivlmError(f"--generations: must be >= 0 (got {generations})")
+        if guesses is not None and guesses < 1:
+            raise PrivlmError(f"--guesses: must be at least 1 (got {guesses})")
+        res = run_audit(run_dir, references, generations, guesses, seed=seed)
+    except PrivlmError as e:
+        _fail(e)
+        return
+    claimed = res["claimed_epsilon"]
+    c = res["canaries"]
+    u = res["update_canaries"]
+    if c is None and u is None:
+        console.print("canaries: none planted (set audit.canaries / audit.update_canaries before training)")
+    if u is not None:
+        o = u["one_run"]
+        console.print(f"update canaries (white-box): {u['count']} ({u['included']} included); "
+                      f"{o['correct']}/{o['guesses']} correct guesses -> epsilon lower bound "
+                      f"{o['epsilon_lower_bound']:.3f} at {o['confidence']:.0%} (claimed {claimed})")
+    if c is not None:
+        e, o = c["exposure"], c["one_run"]
+        console.print(f"canaries: {c['count']} ({c['included']} included); mean exposure included "
+                      f"{e['included_mean']:.2f} bits vs excluded {e['excluded_mean']:.2f} "
+                      f"(extrapolated {e['included_mean_extrapolated']:.2f} vs {e['excluded_mean_extrapolated']:.2f}; "
+                      f"space {c['space_bits']:.1f} bits)")
+        console.print(f"one-run audit: {o['correct']}/{o['guesses']} correct guesses -> epsilon lower bound "
+                      f"{o['epsilon_lower_bound']:.3f} at {o['confidence']:.0%} (claimed {claimed})")
+    mia = res["membership"]
+    if mia and mia["auc"] is not None:
+        console.print(f"membership inference ({mia['members']} training vs {mia['nonmembers']} held-out clients): "
+                      f"AUC {mia['auc']:.3f}, TPR at 1% FPR {mia['tpr_at_1pct_fpr']:.3f}")
+    pii = res["pii"]
+    if pii:
+        console.print(f"PII in {pii['generations']} generations: {pii['pii_found']} found, "
+                      f"{pii['verbatim_in_training_text']} verbatim in the training text, "
+                      f"{pii['exact_continuation']} exactly the value that followed the prompt")
+    console.print(f"written: {escape(str(Path(run_dir) / 'audit.json'))} and report.html")
+    if res["broken"]:
+        err.print(f"[bold red]AUDIT FAILED: the measured lower bound on epsilon "
+                  f"({res['epsilon_lower_bound']:.3f}) exceeds the claimed epsilon ({claimed}). "
+                  "The implementation does not deliver its guarantee; this is a bug.[/]")
+        raise typer.Exit(1)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from privlm.errors import ConfigError
 
@@ -63,6 +63,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ScrubConfig(_Section):
+    # PII scrubbing on the client before training (Presidio). None: on for synthetic-clinic, else off.
+    enabled: bool | None = None
+    entities: list[str] | None = None  # None: every type privlm detects (privlm.pii.DEFAULT_ENTITIES)
+    operator: Literal["placeholder", "pseudonym"] = "placeholder"
+    # An installed spaCy model package or a model directory, for NER (PERSON, LOCATION); never downloaded.
+    spacy_model: str | None = Field(None, min_length=1)
+
+    @field_validator("entities")
+    @classmethod
+    def _known_entities(cls, entities: list[str] | None) -> list[str] | None:
+        if entities is not None:
+            from privlm.pii import SUPPORTED_ENTITIES
+
+            if not entities:
+                raise ValueError("must not be empty (set data.scrub.enabled = false to turn scrubbing off)")
+            unknown = [e for e in entities if e not in SUPPORTED_ENTITIES]
+            if unknown:
+                raise ValueError(f"unknown entity type {_short(unknown[0])!r}; known: {', '.join(SUPPORTED_ENTITIES)}")
+        return entities
+
+
 class DataConfig(_Section):
     source: Literal["synthetic-clinic", "shakespeare", "tinyshakespeare", "dir", "jsonl"] = (
         "synthetic-clinic"
@@ -74,6 +96,11 @@ class DataConfig(_Section):
     silos: int | None = _count(None)
     # privacy.mode = "example": what one protected record is — a line, or a blank-line-separated paragraph
     records: Literal["lines", "paragraphs"] = "lines"
+    scrub: ScrubConfig = Field(default_factory=ScrubConfig)
+
+    @property
+    def scrub_enabled(self) -> bool:
+        return self.scrub.enabled if self.scrub.enabled is not None else self.source == "synthetic-clinic"
 
 
 class LoraConfigSection(_Section):
@@ -167,6 +194,29 @@ class EvalConfig(_Section):
     batch_size: int = _count(64)
 
 
+class AuditConfig(_Section):
+    # Privacy audit (privlm audit RUN_DIR): M canaries, each included with probability 1/2.
+    canaries: int = Field(0, ge=0, le=MAX_COUNT)
+    canary_repeats: int = _count(1)  # times an included canary appears in its client's text
+    canary_format: str = "my patient record number is {secret}"
+    secret_digits: int = Field(10, ge=4, le=40)  # secrets are digit strings: 10^digits possibilities
+    holdout_fraction: float = Field(0.1, ge=0, lt=1)  # clients kept out of training (membership inference)
+    # White-box canaries (user-level DP only): extra users whose update is a secret random direction
+    # of norm C, sampled like any user; included with probability 1/2.
+    update_canaries: int = Field(0, ge=0, le=100_000)
+
+    @field_validator("canary_format")
+    @classmethod
+    def _one_secret(cls, fmt: str) -> str:
+        if fmt.count("{secret}") != 1 or "\n" in fmt:
+            raise ValueError("must be one line with {secret} exactly once")
+        try:
+            fmt.format(secret="0")
+        except (IndexError, KeyError, ValueError):
+            raise ValueError("only {secret} may appear in braces") from None
+        return fmt
+
+
 class OutputConfig(_Section):
     dir: _OptPath = None  # default: ./runs/<timestamp>
     checkpoint_every: int = _count(10)
@@ -181,6 +231,7 @@ class RunConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     def to_toml(self) -> str:

@@ -3,6 +3,7 @@
     config.toml                         fully resolved configuration
     metrics.jsonl                       one JSON object per round
     privacy.json                        the ledger and the guarantee it implies
+    scrub.json                          PII values replaced per entity type (summed client counts)
     checkpoints/round-NNNN.safetensors  global parameters (round 0 = initial)
     state.safetensors                   resume state: the last completed round's
                                         parameters and server-optimizer state
@@ -136,6 +137,13 @@ class RunDir:
 
     def write_privacy(self, record: dict) -> None:
         atomic_write(self.privacy_path, (json.dumps(record, indent=2) + "\n").encode())
+
+    def write_scrub(self, record: dict) -> None:
+        atomic_write(self.path / "scrub.json", (json.dumps(record, indent=2) + "\n").encode())
+
+    def read_scrub(self) -> dict | None:
+        path = self.path / "scrub.json"
+        return read_json(path) if path.exists() else None
 
     def write_metrics(self, rows: list[dict]) -> None:
         data = "".join(json.dumps(r) + "\n" for r in rows)

@@ -48,6 +48,48 @@ def plots(rows: list[dict]) -> dict[str, str]:
     return out
 
 
+def audit_section(rd: RunDir) -> str:
+    """The audit's figures and an exposure histogram, if ``privlm audit`` has run."""
+    path = rd.path / "audit.json"
+    if not path.exists():
+        return ""
+    a = json.loads(path.read_text(encoding="utf-8"))
+    rows, img = [], ""
+    c = a.get("canaries")
+    if c:
+        e, o = c["exposure"], c["one_run"]
+        rows += [("canaries (included)", f"{c['count']} ({c['included']})"),
+                 ("mean exposure, included / excluded (bits)", f"{e['included_mean']:.2f} / {e['excluded_mean']:.2f}"),
+                 ("extrapolated exposure, included / excluded", f"{e['included_mean_extrapolated']:.2f} / "
+                                                               f"{e['excluded_mean_extrapolated']:.2f}"),
+                 ("one-run audit: correct / guesses", f"{o['correct']} / {o['guesses']}"),
+                 ("epsilon lower bound (95%)", f"{o['epsilon_lower_bound']:.3f}"),
+                 ("claimed epsilon", str(a.get("claimed_epsilon")))]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        for inc, color in ((True, "tab:red"), (False, "tab:blue")):
+            xs = [r["exposure"] for r in c["per_canary"] if r["included"] == inc]
+            ax.hist(xs, bins=20, alpha=0.6, color=color, label="included" if inc else "excluded")
+        ax.set_xlabel("exposure (bits)"), ax.set_ylabel("canaries"), ax.legend()
+        img = f'<img alt="exposure" src="data:image/png;base64,{_png(fig)}">'
+    u = a.get("update_canaries")
+    if u:
+        o = u["one_run"]
+        rows += [("update canaries, white-box (included)", f"{u['count']} ({u['included']})"),
+                 ("update canaries: correct / guesses, epsilon lower bound",
+                  f"{o['correct']} / {o['guesses']}, {o['epsilon_lower_bound']:.3f}")]
+    m = a.get("membership")
+    if m and m.get("auc") is not None:
+        rows += [("membership inference AUC", f"{m['auc']:.3f}"), ("TPR at 1% FPR", f"{m['tpr_at_1pct_fpr']:.3f}")]
+    p = a.get("pii")
+    if p:
+        rows += [("PII in generations (verbatim in training text)",
+                  f"{p['pii_found']} in {p['generations']} samples ({p['verbatim_in_training_text']})")]
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    verdict = ("<p style='color:#b00'><b>The audit's lower bound exceeds the claimed epsilon: the implementation "
+               "is broken.</b></p>" if a.get("broken") else "")
+    return f"<h2>Privacy audit</h2>{verdict}<table>{table}</table>{img}"
+
+
 def write_report(rd: RunDir) -> None:
     rows = rd.read_metrics()
     privacy = rd.read_privacy()
@@ -59,6 +101,14 @@ def write_report(rd: RunDir) -> None:
         "budget_epsilon", "secure_noise", "stopped")}
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                     for k, v in summary.items())
+    scrub = rd.read_scrub()
+    scrub_html = ""
+    if scrub is not None:
+        cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:,}</td></tr>" for k, v in scrub["counts"].items())
+        scrub_html = (f"<h2>PII scrubbing</h2><p>Before training, each of {scrub['clients']:,} clients replaced "
+                      f"these values in its own text ({html.escape(scrub['detector'])}, operator "
+                      f"{html.escape(scrub['operator'])}); only the counts left the clients.</p>"
+                      f"<table>{cells or '<tr><td>none found</td></tr>'}</table>")
     img_tags = "".join(f'<img alt="{k}" src="data:image/png;base64,{v}">' for k, v in imgs.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>privlm run report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} th{{text-align:left;padding-right:1em}}
@@ -71,6 +121,8 @@ after round {last.get("round")}.</p>
 <h2>Privacy</h2><table>{table}</table>
 <p>Epsilon is recomputed from the ledger in <code>privacy.json</code> ({len(privacy.get("ledger", []))} events)
 with dp-accounting; <code>privlm epsilon --ledger privacy.json</code> reproduces it.</p>
+{scrub_html}
+{audit_section(rd)}
 <h2>Metrics</h2><pre>{html.escape(chr(10).join(json.dumps(r) for r in rows[-20:]))}</pre>
 </body></html>
 """

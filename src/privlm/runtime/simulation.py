@@ -34,6 +34,8 @@ from privlm.data.corpus import FederatedCorpus
 from privlm.errors import ConfigError, DataError
 from privlm.federated import dp_fedavg
 from privlm.data.corpus import group_into_silos, split_into_records
+from privlm.data.scrub import ScrubSettings, scrub_corpus
+from privlm.audit import AuditPlan, apply_plan, draw_plan, load_plan, save_plan, update_direction
 from privlm.federated.client import LocalTraining, evaluate, get_params, local_train
 from privlm.federated.dp_sgd import ExampleDP, dp_sgd_train, record_windows, silo_round_event, steps_per_round
 from privlm.federated.server_opt import ServerOptimizer
@@ -144,10 +146,30 @@ def _sampling_rng(cfg: RunConfig, round_index: int) -> np.random.Generator:
 class Simulation:
     """One run of (DP-)FedAvg over a corpus, in this process."""
 
-    def __init__(self, cfg: RunConfig, corpus: FederatedCorpus | None = None) -> None:
+    def __init__(self, cfg: RunConfig, corpus: FederatedCorpus | None = None, progress: bool = False,
+                 audit_plan: AuditPlan | None = None) -> None:
         self.corpus = corpus if corpus is not None else _data.load_corpus(
             cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed
         )
+        self.scrub_counts: dict[str, int] | None = None
+        if cfg.data.scrub_enabled:  # on each client, before anything reads its text
+            s = cfg.data.scrub
+            settings = ScrubSettings(tuple(s.entities) if s.entities else None, s.operator, s.spacy_model,
+                                     cfg.seed if cfg.privacy.seeded_noise else None)
+            self.corpus, self.scrub_counts = scrub_corpus(self.corpus, settings, progress)
+        # The audit's canaries go in after scrubbing (they test DP, not the scrubber); held-out
+        # clients leave the federation. A resumed run passes the plan it saved.
+        self.audit_plan = audit_plan
+        if self.audit_plan is None and (cfg.audit.canaries > 0 or cfg.audit.update_canaries > 0):
+            a = cfg.audit
+            if a.update_canaries and cfg.privacy.mode != "user":
+                raise ConfigError("audit.update_canaries: white-box canaries audit user-level DP "
+                                  "(privacy.mode = \"user\"); set it to 0")
+            self.audit_plan = draw_plan([c.client_id for c in self.corpus.clients], a.canaries, a.canary_format,
+                                        a.secret_digits, a.canary_repeats, a.holdout_fraction,
+                                        cfg.seed if cfg.privacy.seeded_noise else None, a.update_canaries)
+        if self.audit_plan is not None:
+            self.corpus = apply_plan(self.corpus, self.audit_plan)
         if cfg.data.silos is not None:
             try:
                 self.corpus = group_into_silos(self.corpus, cfg.data.silos)
@@ -245,6 +267,27 @@ class Simulation:
                 weight=float(res.num_tokens),
                 train_loss=res.loss_sum / res.steps if res.steps else None,
             )
+        yield from self._update_canaries(state)
+
+    def _update_canaries(self, state: dp_fedavg.ServerState) -> Iterator[dp_fedavg.Contribution]:
+        """The audit's included white-box canaries, each Poisson-sampled with q like any user.
+
+        A canary's update is C times its secret unit direction: one more user, so the
+        mechanism's sensitivity and the ledger are unchanged; it goes through the same
+        validation, clipping and noise as every client update.
+        """
+        plan = self.audit_plan
+        if plan is None or not plan.update_included:
+            return
+        r = state.round + 1
+        seed = _derived_seed(self.cfg.seed, "audit-canary-sampling", r) if self.replayable else secrets.randbits(128)
+        draws = np.random.default_rng(seed).random(len(plan.update_included))
+        shapes = {k: v.shape for k, v in state.params.items()}
+        for k, included in enumerate(plan.update_included):
+            if included and draws[k] < self.algo.sampling_rate:
+                direction = update_direction(plan, k, shapes)
+                update = {name: (t * self.algo.clip_norm).to(state.params[name].dtype) for name, t in direction.items()}
+                yield dp_fedavg.Contribution(f"audit-canary-{k}", update, 1.0, None)
 
     def _batch_order(self, round_index: int, client_id: str) -> torch.Generator:
         """Generator for the order of a client's batches.
@@ -307,6 +350,12 @@ class Simulation:
         if not restart:
             rd.create()
         rd.write_config(self.cfg.to_toml())
+        if self.audit_plan is not None:
+            save_plan(rd.path, self.audit_plan)
+        if self.scrub_counts is not None:
+            rd.write_scrub({"operator": self.cfg.data.scrub.operator, "counts": self.scrub_counts,
+                            "detector": f"spacy:{self.cfg.data.scrub.spacy_model}" if self.cfg.data.scrub.spacy_model
+                            else "patterns", "clients": self.corpus.num_clients})
         # privacy.json (empty ledger) first: a state file without it cannot exist.
         rd.write_privacy(self.privacy_record(0))
         state = dp_fedavg.init(self.algo, get_params(self.model))
@@ -563,7 +612,7 @@ def _progress(enabled: bool):
 def run(cfg: RunConfig, out: Path | None = None, progress: bool = True,
         corpus: FederatedCorpus | None = None) -> RunResult:
     """Run ``cfg`` in process and return its results (the notebook API)."""
-    return Simulation(cfg, corpus).run(out, progress)
+    return Simulation(cfg, corpus, progress).run(out, progress)
 
 
 def resume(run_dir: Path, progress: bool = True, corpus: FederatedCorpus | None = None) -> RunResult:
@@ -572,7 +621,7 @@ def resume(run_dir: Path, progress: bool = True, corpus: FederatedCorpus | None 
 
     rd = open_run_dir(run_dir)
     cfg = load_config(rd.config_path, [])
-    return Simulation(cfg, corpus).run(rd.path, progress, resume=True)
+    return Simulation(cfg, corpus, progress, load_plan(rd.path)).run(rd.path, progress, resume=True)
 
 
 __all__ = ["RunResult", "Simulation", "run", "resume", "build_model", "resolve_privacy",
