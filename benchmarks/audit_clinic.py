@@ -49,7 +49,7 @@ def main() -> None:
         t = time.perf_counter()
         res = Simulation(cfg).run(args.out / f"audit-{name}-{int(time.time())}", progress=False)
         train_s = time.perf_counter() - t
-        a = run_audit(res.run_dir, args.references, args.generations, progress=False)
+        a = run_audit(res.run_dir, args.references, args.generations)
         c, m, p = a["canaries"], a["membership"], a["pii"]
         row = {
             "setting": name, "overrides": overrides, "epsilon": res.epsilon, "delta": res.delta,

@@ -13,7 +13,7 @@ from privlm import audit
 from privlm.cli import app
 from privlm.config import load_config
 from privlm.data.corpus import ClientData, FederatedCorpus
-from privlm.errors import ConfigError
+from privlm.errors import ConfigError, DataError
 from privlm.federated import dp_fedavg
 
 
@@ -119,6 +119,19 @@ def test_audit_passes_an_honest_run_and_catches_noise_100x_too_small(tmp_path, m
     assert "Privacy audit" in (broken.run_dir / "report.html").read_text()
     planted = broken.run_dir / "audit" / "canaries.json"
     assert len(json.loads(planted.read_text())["update_included"]) == 200 and planted.stat().st_mode & 0o077 == 0
+
+
+def test_resume_refuses_other_canaries_than_the_run_trained_with(tmp_path):
+    from privlm.runtime.simulation import Simulation, resume
+
+    cfg = load_config(None, ["data.num_clients=20", "federation.rounds=2", "federation.clients_per_round=5",
+                             "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "client.local_steps=1",
+                             "audit.canaries=4", "audit.update_canaries=4", "eval.max_clients=2",
+                             "data.scrub.enabled=false"])
+    res = Simulation(cfg).run(tmp_path / "run", progress=False)
+    with pytest.raises(DataError, match="audit canaries differ from the ones this run trained with"):
+        Simulation(cfg).run(res.run_dir, progress=False, resume=True)  # a freshly drawn plan
+    assert resume(res.run_dir, progress=False).rounds_completed == 2  # the saved plan
 
 
 def test_update_canaries_need_user_level_dp():

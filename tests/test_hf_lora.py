@@ -186,7 +186,7 @@ def test_the_audit_runs_on_a_lora_run(tiny_model, tmp_path):
 
     cfg = _cfg(tiny_model, "audit.canaries=10", "audit.update_canaries=20", "audit.holdout_fraction=0.2")
     res = Simulation(cfg).run(tmp_path / "run", progress=False)
-    a = run_audit(res.run_dir, references=50, generations=2, guesses=10, seed=0, progress=False)
+    a = run_audit(res.run_dir, references=50, generations=2, guesses=10, seed=0)
     assert a["canaries"]["count"] == 10 and len(a["canaries"]["per_canary"]) == 10
     assert a["update_canaries"]["count"] == 20 and a["update_canaries"]["one_run"]["guesses"] == 10
     assert a["membership"]["nonmembers"] == 8 and 0 <= a["membership"]["auc"] <= 1

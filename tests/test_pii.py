@@ -214,7 +214,7 @@ def test_run_scrubs_on_the_clients_and_reports_counts(tmp_path):
 
     cfg = load_config(None, ["data.num_clients=12", "federation.rounds=1", "federation.clients_per_round=4",
                              "privacy.mode=none", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
-                             "client.local_steps=1", "eval.max_clients=2"])
+                             "client.local_steps=1", "eval.max_clients=12"])
     sim = Simulation(cfg)
     _, spans = generate_clinic_with_pii(12, seed=cfg.seed)
     values = {s["value"] for s in spans if s["entity_type"] in ("EMAIL_ADDRESS", "MEDICAL_RECORD_NUMBER", "PHONE_NUMBER")}
@@ -225,6 +225,11 @@ def test_run_scrubs_on_the_clients_and_reports_counts(tmp_path):
     assert scrub["counts"] == sim.scrub_counts and scrub["counts"]["EMAIL_ADDRESS"] > 0
     assert scrub["clients"] == 12 and scrub["detector"] == "patterns"
     assert "PII scrubbing" in (res.run_dir / "report.html").read_text()
+    # `privlm eval` scores the held-out text as the clients saw it: scrubbed, as the run did.
+    from privlm.inference import evaluate_run
+
+    _, loss, acc, _ = evaluate_run(res.run_dir)
+    assert loss == pytest.approx(res.eval_loss, rel=1e-5) and acc == pytest.approx(res.eval_accuracy, rel=1e-5)
 
 
 def test_scrubbing_is_the_same_in_every_process(tmp_path):

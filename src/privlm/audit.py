@@ -33,12 +33,16 @@ import os
 import secrets as _secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from privlm.data.corpus import ClientData, FederatedCorpus
 from privlm.errors import DataError
+
+if TYPE_CHECKING:
+    from privlm.data.scrub import ScrubSettings
 
 CANARY_FILE = Path("audit") / "canaries.json"
 AUDIT_FILE = "audit.json"
@@ -228,11 +232,11 @@ def sequence_nll(model: torch.nn.Module, tok, texts: list[str], prefix: str, bat
     encoded = [tok.encode("\n" + t) for t in texts]
     for i, ids in enumerate(encoded):
         by_len.setdefault(int(ids.numel()), []).append(i)
+    block = model.cfg.block_size
     for length, idx in by_len.items():
-        block = model.cfg.block_size
         for s in range(0, len(idx), batch_size):
             part = idx[s:s + batch_size]
-            ids = torch.stack([encoded[i] for i in part])[:, -block - 1:] if length > block + 1 else torch.stack([encoded[i] for i in part])
+            ids = torch.stack([encoded[i] for i in part])[:, -(block + 1):]  # the model's window at most
             start = max(1, n_prefix - (length - ids.size(1)))
             logp = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)
             token_lp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -262,9 +266,10 @@ def mean_token_loss(model: torch.nn.Module, tok, text: str, max_tokens: int = 20
 
 
 def run_audit(run_dir: Path, references: int = 2000, generations: int = 50, guesses: int | None = None,
-              mia_clients: int = 500, seed: int | None = None, progress: bool = True) -> dict:
+              mia_clients: int = 500, seed: int | None = None) -> dict:
     """Run the four attacks on ``run_dir``; write ``audit.json`` and the report's audit section."""
     from privlm.data import load_corpus
+    from privlm.data.scrub import settings_for_run
     from privlm.inference import load_run_model
     from privlm.rundir import atomic_write, open_run_dir
 
@@ -293,7 +298,7 @@ def run_audit(run_dir: Path, references: int = 2000, generations: int = 50, gues
 
     raw = load_corpus(cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed)  # before scrubbing
     if plan is not None and plan.holdout:
-        result["membership"] = _membership(model, tok, raw, plan, mia_clients, rng)
+        result["membership"] = _membership(model, tok, raw, plan, mia_clients, rng, settings_for_run(cfg))
     else:
         result["membership"] = None
     result["pii"] = _pii_leakage(model, tok, raw, plan, generations, cfg, rng, torch_gen) if generations else None
@@ -376,12 +381,18 @@ def _update_canary_attack(rd, model, plan: AuditPlan, guesses: int | None, delta
             "one_run": _one_run(scores, inc, guesses, delta)}
 
 
-def _membership(model, tok, raw: FederatedCorpus, plan: AuditPlan, n: int, rng: np.random.Generator) -> dict:  # type: ignore[no-untyped-def]
+def _membership(model, tok, raw: FederatedCorpus, plan: AuditPlan, n: int, rng: np.random.Generator,  # type: ignore[no-untyped-def]
+                scrub: ScrubSettings | None) -> dict:
+    from privlm.data.scrub import scrub_corpus
+
     held = set(plan.holdout)
     members = [c for c in raw.clients if c.client_id not in held]
     nonmembers = [c for c in raw.clients if c.client_id in held]
     pick = lambda xs: [xs[i] for i in sorted(rng.permutation(len(xs))[:n])]  # noqa: E731
     members, nonmembers = pick(members), pick(nonmembers)
+    if scrub is not None:  # attack the text as the model was trained on it
+        members, nonmembers = (list(scrub_corpus(FederatedCorpus(raw.name, tuple(xs)), scrub, progress=False)[0].clients)
+                               for xs in (members, nonmembers))
     # Score: higher = more likely a member (lower loss on the client's own training text).
     m_scores = np.array([-mean_token_loss(model, tok, c.train) for c in members])
     n_scores = np.array([-mean_token_loss(model, tok, c.train) for c in nonmembers])
@@ -418,7 +429,7 @@ def _pii_leakage(model, tok, raw: FederatedCorpus, plan: AuditPlan | None, k: in
         if len(prompts) >= k:
             break
     found_types: Counter[str] = Counter()
-    verbatim, exact, examples = 0, 0, []
+    verbatim, exact = 0, 0
     for prompt, truth in prompts:
         ids = tok.encode("\n" + prompt).unsqueeze(0)
         out = sample(model, ids, model.cfg.block_size, new_tokens, temperature=1.0, top_k=None, generator=gen)
@@ -429,8 +440,6 @@ def _pii_leakage(model, tok, raw: FederatedCorpus, plan: AuditPlan | None, k: in
             in_train = len(value) >= 4 and value in train_text
             verbatim += in_train
             exact += value == truth
-            if in_train and len(examples) < 5:
-                examples.append({"type": etype, "value_chars": len(value)})
     return {"generations": len(prompts), "new_tokens": new_tokens, "pii_found": sum(found_types.values()),
             "pii_found_by_type": dict(sorted(found_types.items())), "verbatim_in_training_text": verbatim,
             "exact_continuation": exact}

@@ -276,14 +276,9 @@ def tokenizer_train(
 def _entities_option(entities: str | None) -> tuple[str, ...] | None:
     if entities is None:
         return None
-    from privlm.pii import SUPPORTED_ENTITIES
+    from privlm.pii import check_entities
 
-    names = tuple(e.strip() for e in entities.split(",") if e.strip())
-    unknown = [e for e in names if e not in SUPPORTED_ENTITIES]
-    if not names or unknown:
-        raise PrivlmError(f"--entities: unknown entity type {unknown[0] if unknown else entities!r}; "
-                          f"known: {', '.join(SUPPORTED_ENTITIES)}")
-    return names
+    return tuple(check_entities([e.strip() for e in entities.split(",") if e.strip()], "--entities"))
 
 
 @app.command()

@@ -75,13 +75,13 @@ class ScrubConfig(_Section):
     @classmethod
     def _known_entities(cls, entities: list[str] | None) -> list[str] | None:
         if entities is not None:
-            from privlm.pii import SUPPORTED_ENTITIES
+            from privlm.pii import entity_error
 
             if not entities:
                 raise ValueError("must not be empty (set data.scrub.enabled = false to turn scrubbing off)")
-            unknown = [e for e in entities if e not in SUPPORTED_ENTITIES]
-            if unknown:
-                raise ValueError(f"unknown entity type {_short(unknown[0])!r}; known: {', '.join(SUPPORTED_ENTITIES)}")
+            problem = entity_error([_short(e) for e in entities])
+            if problem:
+                raise ValueError(problem)
         return entities
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from privlm.config import load_config
-from privlm.data import load_corpus
+from privlm.data import ClientData, FederatedCorpus, load_corpus
+from privlm.data.scrub import scrub_corpus, settings_for_run
 from privlm.errors import DataError
 from privlm.federated.client import evaluate, get_params, set_params
 from privlm.models import Tokenizer
@@ -37,6 +38,10 @@ def load_run_model(run_dir: Path) -> tuple[int, torch.nn.Module, Tokenizer, obje
 def evaluate_run(run_dir: Path) -> tuple[int, float, float, int]:
     r, model, tok, cfg = load_run_model(run_dir)
     corpus = load_corpus(cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed)
+    settings = settings_for_run(cfg)
+    if settings is not None:  # the held-out text as the run's clients saw it: scrubbed
+        held_out = FederatedCorpus(corpus.name, tuple(ClientData(c.client_id, "", c.test) for c in corpus.clients))
+        corpus, _ = scrub_corpus(held_out, settings, progress=False)
     tokens = [t for c in corpus.clients if (t := tok.encode(c.test)).numel() > 1]
     params = get_params(model)
     loss, acc, n = evaluate(model, params, tokens, cfg.eval.batch_size)

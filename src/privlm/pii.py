@@ -94,6 +94,12 @@ def _names() -> frozenset[str]:
 
 
 @lru_cache(maxsize=1)
+def _name_choices() -> tuple[str, ...]:
+    """:func:`_names` in a fixed order, for seeded draws of pseudonyms."""
+    return tuple(sorted(_names()))
+
+
+@lru_cache(maxsize=1)
 def _street_suffixes() -> tuple[str, ...]:
     from faker.providers.address.en_US import Provider
 
@@ -248,10 +254,21 @@ def _recognizers(entities: Sequence[str]) -> list:  # type: ignore[type-arg]
     return [r for entity in entities for r in available.get(entity, [])]
 
 
-def _check_entities(entities: Sequence[str], key: str) -> list[str]:
+def entity_error(entities: Sequence[str]) -> str | None:
+    """What is wrong with an entity-type list (None: nothing)."""
+    if not entities:
+        return "no entity type given"
     unknown = [e for e in entities if e not in SUPPORTED_ENTITIES]
     if unknown:
-        raise ConfigError(f"{key}: unknown entity type {unknown[0]!r}; known: {', '.join(SUPPORTED_ENTITIES)}")
+        return f"unknown entity type {unknown[0]!r}; known: {', '.join(SUPPORTED_ENTITIES)}"
+    return None
+
+
+def check_entities(entities: Sequence[str], key: str) -> list[str]:
+    """``entities`` without repeats, or a :class:`ConfigError` naming ``key``."""
+    problem = entity_error(entities)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
     return list(dict.fromkeys(entities))
 
 
@@ -293,7 +310,7 @@ class Detector:
 
         if entities is None:
             entities = DEFAULT_ENTITIES + (NER_ENTITIES if spacy_model else ())
-        self.entities = _check_entities(entities, "data.scrub.entities")
+        self.entities = check_entities(entities, "data.scrub.entities")
         self.spacy_model = spacy_model
         registry = RecognizerRegistry(supported_languages=["en"])
         for recognizer in _recognizers(self.entities):
@@ -363,6 +380,7 @@ class Scrubber:
         self._salt = secrets.token_bytes(16) if salt is None else salt
         self._pseudonyms: dict[tuple[str, str], str] = {}
         self._issued: set[tuple[str, str]] = set()
+        self._changed: Counter[str] = Counter()  # pseudonyms written by the current _apply call
         self._anonymizer = _anonymizer()
         self._operators = self._operators_for(SUPPORTED_ENTITIES)
 
@@ -378,7 +396,7 @@ class Scrubber:
         """Presidio's AnonymizerEngine does the replacing (and resolves overlapping detections)."""
         if not results:
             return text, Counter()
-        self._changed: Counter[str] = Counter()
+        self._changed = Counter()
         # Overlaps resolved here, deterministically, before Presidio's anonymizer replaces the spans.
         out = self._anonymizer.anonymize(text=text, analyzer_results=_resolve(results), operators=self._operators)
         if self.operator == "placeholder":
@@ -402,8 +420,7 @@ class Scrubber:
         return {e: OperatorConfig("custom", {"lambda": pseudonym(e)}) for e in entities}
 
     def _replacement(self, entity: str, value: str) -> str:
-        if self.operator == "placeholder":
-            return f"<{entity}>"
+        """The pseudonym of ``value`` (a pseudonym this scrubber issued maps to itself)."""
         if (entity, value) in self._issued:
             return value
         key = (entity, value)
@@ -417,10 +434,9 @@ class Scrubber:
 
 def _surrogate(entity: str, value: str, rng: random.Random) -> str:
     """A made-up value shaped like ``value``: digits to digits, words to names, case kept."""
+    names = _name_choices()
     if entity == "EMAIL_ADDRESS":
-        names = sorted(_names())
         return f"{rng.choice(names)}.{rng.choice(names)}{rng.randint(1, 99)}@example.org"
-    names = sorted(_names())
 
     keep = set(_street_suffixes()) | {"Apt", "Suite", "Unit"} if entity == "ADDRESS" else set()
 
@@ -439,18 +455,6 @@ def _surrogate(entity: str, value: str, rng: random.Random) -> str:
     elif entity not in ("DATE_TIME",) and not any(c.isdigit() for c in value):
         text = f"<{entity}>"
     return text
-
-
-def scrub_texts(texts: Sequence[str], detector: Detector, operator: str = "placeholder",
-                salt: bytes | None = None) -> tuple[list[str], Counter[str]]:
-    """Scrub the texts of one client with one :class:`Scrubber`; total counts per type."""
-    scrubber = Scrubber(detector, operator, salt)
-    total: Counter[str] = Counter()
-    out = []
-    for text, counts in scrubber.scrub_many(texts):
-        out.append(text)
-        total.update(counts)
-    return out, total
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import secrets
@@ -22,9 +23,14 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from privlm.data.corpus import ClientData, FederatedCorpus
 from privlm.errors import DataError
 from privlm.pii import Detector, Scrubber
+
+if TYPE_CHECKING:
+    from privlm.config import RunConfig
 
 _PARALLEL_MIN_CLIENTS = 200  # below this a worker pool costs more than it saves
 _CHUNK = 64  # clients per work item
@@ -37,6 +43,15 @@ class ScrubSettings:
     operator: str = "placeholder"
     spacy_model: str | None = None
     seed: int | None = None  # pseudonym keys from (seed, client id): tests only; None = random per client
+
+
+def settings_for_run(cfg: RunConfig) -> ScrubSettings | None:
+    """The scrubbing a run's clients do (None: scrubbing is off)."""
+    if not cfg.data.scrub_enabled:
+        return None
+    s = cfg.data.scrub
+    return ScrubSettings(tuple(s.entities) if s.entities else None, s.operator, s.spacy_model,
+                         cfg.seed if cfg.privacy.seeded_noise else None)
 
 
 def scrub_client(client: ClientData, detector: Detector, settings: ScrubSettings) -> tuple[ClientData, Counter[str]]:
@@ -113,16 +128,19 @@ def scrub_corpus(corpus: FederatedCorpus, settings: ScrubSettings, progress: boo
 
 def _scrub_items(items: Sequence[tuple[bytes, str]], settings: ScrubSettings,
                  detector: Detector | None = None) -> list[tuple[str, Counter[str]]]:
-    """``(salt, text)`` pairs: one scrubber per salt, so a salt is one client's pseudonym key."""
+    """``(salt, text)`` pairs: one scrubber per salt, so a salt is one client's pseudonym key.
+
+    Consecutive texts with the same salt go through the detector as one batch.
+    """
     detector = detector or _worker_detector
     assert detector is not None
     scrubbers: dict[bytes, Scrubber] = {}
-    out = []
-    for salt, text in items:
+    out: list[tuple[str, Counter[str]]] = []
+    for salt, group in itertools.groupby(items, key=lambda item: item[0]):
         scrubber = scrubbers.get(salt)
         if scrubber is None:
             scrubber = scrubbers[salt] = Scrubber(detector, settings.operator, salt)
-        out.append(scrubber.scrub(text))
+        out.extend(scrubber.scrub_many([text for _, text in group]))
     return out
 
 

@@ -34,7 +34,7 @@ from privlm.data.corpus import FederatedCorpus
 from privlm.errors import ConfigError, DataError
 from privlm.federated import dp_fedavg
 from privlm.data.corpus import group_into_silos, split_into_records
-from privlm.data.scrub import ScrubSettings, scrub_corpus
+from privlm.data.scrub import scrub_corpus, settings_for_run
 from privlm.audit import AuditPlan, apply_plan, draw_plan, load_plan, save_plan, update_direction
 from privlm.federated.client import LocalTraining, evaluate, get_params, local_train
 from privlm.federated.dp_sgd import ExampleDP, dp_sgd_train, record_windows, silo_round_event, steps_per_round
@@ -152,23 +152,21 @@ class Simulation:
             cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed
         )
         self.scrub_counts: dict[str, int] | None = None
-        if cfg.data.scrub_enabled:  # on each client, before anything reads its text
-            s = cfg.data.scrub
-            settings = ScrubSettings(tuple(s.entities) if s.entities else None, s.operator, s.spacy_model,
-                                     cfg.seed if cfg.privacy.seeded_noise else None)
+        settings = settings_for_run(cfg)
+        if settings is not None:  # on each client, before anything reads its text
             self.corpus, self.scrub_counts = scrub_corpus(self.corpus, settings, progress)
         # The audit's canaries go in after scrubbing (they test DP, not the scrubber); held-out
         # clients leave the federation. A resumed run passes the plan it saved.
         self.audit_plan = audit_plan
         if self.audit_plan is None and (cfg.audit.canaries > 0 or cfg.audit.update_canaries > 0):
             a = cfg.audit
-            if a.update_canaries and cfg.privacy.mode != "user":
-                raise ConfigError("audit.update_canaries: white-box canaries audit user-level DP "
-                                  "(privacy.mode = \"user\"); set it to 0")
             self.audit_plan = draw_plan([c.client_id for c in self.corpus.clients], a.canaries, a.canary_format,
                                         a.secret_digits, a.canary_repeats, a.holdout_fraction,
                                         cfg.seed if cfg.privacy.seeded_noise else None, a.update_canaries)
         if self.audit_plan is not None:
+            if self.audit_plan.update_included and cfg.privacy.mode != "user":
+                raise ConfigError("audit.update_canaries: white-box canaries audit user-level DP "
+                                  "(privacy.mode = \"user\"); set it to 0")
             self.corpus = apply_plan(self.corpus, self.audit_plan)
         if cfg.data.silos is not None:
             try:
@@ -397,6 +395,9 @@ class Simulation:
         if not rd.state_path.exists() and len(ledger) == 0:
             log.warning("%s: the run had not started; starting it from round 0", rd.path)
             return self._start(rd, restart=True)
+        if load_plan(rd.path) != self.audit_plan:
+            raise DataError(f"{rd.path / 'audit'}: the audit canaries differ from the ones this run trained "
+                            "with (pass the saved plan: privlm.resume / privlm run --resume load it)")
         done, params, opt_state, paid_entries = rd.load_state()
         if len(ledger) < paid_entries:
             raise DataError(f"{rd.privacy_path}: {len(ledger)} ledger entries, but the resume state was "
