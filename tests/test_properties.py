@@ -56,9 +56,9 @@ def _assert_one_line(message: str) -> None:
 SECTIONS: dict[str, tuple[str, ...]] = {
     name: tuple(field.annotation.model_fields)  # type: ignore[union-attr]
     for name, field in RunConfig.model_fields.items()
-    if name != "seed"
+    if name not in ("seed", "runtime")
 }
-KNOWN_PATHS = [("seed",)] + [(s, k) for s, keys in SECTIONS.items() for k in keys]
+KNOWN_PATHS = [("seed",), ("runtime",)] + [(s, k) for s, keys in SECTIONS.items() for k in keys]
 
 # Values a key might plausibly be given, good ones included so that valid configs come up too.
 GOOD = {
@@ -97,6 +97,11 @@ GOOD = {
     "eval.batch_size": [1, 64],
     "output.dir": ["runs/x", "/tmp/out"],
     "output.checkpoint_every": [1, 10],
+    "runtime": ["simulation", "flower-simulation"],
+    "flower.round_timeout": [1.0, 300.0],
+    "flower.node_wait": [0.5, 120.0],
+    "flower.ray_address": ["", "auto", "ray://10.0.0.1:10001"],
+    "flower.client_cpus": [1, 2],
 }
 
 # Keys as a user (or a fuzzer) might type them: control characters, dots, brackets, empty.

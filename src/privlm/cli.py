@@ -61,6 +61,14 @@ def run(
             cfg = load_config(open_run_dir(resume).config_path, [])
         else:
             cfg = load_config(config, set_ or [])
+        if cfg.runtime == "flower-simulation":
+            if resume is not None:
+                raise PrivlmError('--resume: runs of runtime = "flower-simulation" cannot be resumed yet')
+            from privlm.runtime.flower.ray_simulation import run_flower_simulation
+
+            console.print("runtime: Flower simulation engine (Ray), one virtual SuperNode per client")
+            _print_result(run_flower_simulation(cfg, out, progress=not no_progress))
+            return
         from privlm.audit import load_plan
 
         sim = Simulation(cfg, progress=not no_progress, audit_plan=load_plan(resume) if resume is not None else None)
@@ -406,3 +414,107 @@ def audit(
                   f"({res['epsilon_lower_bound']:.3f}) exceeds the claimed epsilon ({claimed}). "
                   "The implementation does not deliver its guarantee; this is a bug.[/]")
         raise typer.Exit(1)
+
+
+def _print_result(run_dir: Path) -> None:
+    """The closing lines of ``privlm run``, read back from a finished run directory."""
+    from privlm.rundir import open_run_dir
+
+    rd = open_run_dir(run_dir)
+    rows = rd.read_metrics()
+    evals = [r for r in rows if r.get("eval_loss") is not None]
+    record = rd.read_privacy()
+    if record.get("stopped"):
+        console.print(f"[yellow]{escape(record['stopped'])}[/]")
+    console.print(f"run directory: [bold]{escape(str(run_dir))}[/]")
+    if evals:
+        console.print(f"rounds: {record['rounds_completed']}  held-out loss: {evals[-1]['eval_loss']:.4f}  "
+                      f"next-token accuracy: {evals[-1]['eval_accuracy']:.4f}")
+    dropped = sum(r.get("dropped", 0) for r in rows)
+    rejected = sum(r.get("rejected", 0) for r in rows)
+    if dropped or rejected:
+        console.print(f"[yellow]sampled nodes that contributed nothing: {dropped} dropped, {rejected} rejected "
+                      "(the guarantee is unchanged: fixed denominator)[/]")
+    if record.get("epsilon") is not None:
+        console.print(f"[bold green]guarantee: user-level (epsilon={record['epsilon']:.3f}, "
+                      f"delta={record['delta']:.3g}) over {escape(record.get('population') or '')}[/]")
+    else:
+        console.print("[yellow]guarantee: none (non-private run)[/]")
+
+
+@app.command("deploy-local")
+def deploy_local(
+    config: Annotated[Optional[Path], typer.Argument(help="TOML config (default: the embedded default).")] = None,
+    clients: Annotated[int, typer.Option("--clients", help="SuperNodes to start; each is one client.")] = 3,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default ./runs/<time>).")] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="TLS with a throwaway CA made in the run directory.")] = False,
+    certificates: Annotated[Optional[Path], typer.Option(
+        "--certificates", help="TLS from a directory with ca.crt, server.pem, server.key (privlm certs).")] = None,
+    node_auth: Annotated[bool, typer.Option(
+        "--node-auth", help="Admit only SuperNodes whose keys are registered (needs TLS).")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+) -> None:
+    """Run on a real Flower federation on 127.0.0.1: a SuperLink and N SuperNodes, all stopped at the end.
+
+    The data set is split into N partitions (as data.silos=N would), one per SuperNode, given to
+    each through its node config; the run directory is the same as privlm run's.
+    """
+    from privlm.config import load_config
+    from privlm.runtime.flower.deploy import deploy_local as _deploy
+
+    try:
+        cfg = load_config(config, set_ or [])
+        console.print(f"starting a Flower SuperLink and {clients} SuperNodes on 127.0.0.1"
+                      + (" with TLS" if tls or certificates else ""))
+        run_dir = _deploy(cfg, clients, out, certificates, tls, node_auth, progress=not no_progress)
+        _print_result(run_dir)
+    except PrivlmError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted: every Flower process was stopped; the run directory keeps what "
+                  "was written (its ledger counts every round that started)[/]")
+        raise typer.Exit(130)
+
+
+@app.command()
+def certs(
+    directory: Annotated[Path, typer.Argument(help="Where to write ca.crt, ca.key, server.pem, server.key.")],
+    host: Annotated[Optional[list[str]], typer.Option(
+        "--host", help="Name or address the SuperLink is reached at (repeat; default 127.0.0.1, localhost).")] = None,
+    days: Annotated[int, typer.Option("--days", help="Validity in days.")] = 365,
+) -> None:
+    """Make a private CA and a SuperLink TLS certificate (nodes get only ca.crt)."""
+    from privlm.runtime.flower.certs import make_certificates
+
+    if directory.exists() and any(directory.iterdir()):
+        _fail(PrivlmError(f"{directory}: not empty; refusing to overwrite certificates"))
+    make_certificates(directory, host or ["127.0.0.1", "localhost"], days)
+    console.print(f"wrote {escape(str(directory))}/ca.crt, ca.key (keep secret), server.pem, server.key (keep secret)")
+
+
+@app.command("flower-app")
+def flower_app(
+    directory: Annotated[Path, typer.Argument(help="Where to write the Flower App (its pyproject.toml).")],
+) -> None:
+    """Write the Flower App directory that `flwr run` submits (it names privlm's ServerApp and ClientApp)."""
+    from privlm.runtime.flower.deploy import write_app
+
+    if (directory / "pyproject.toml").exists():
+        _fail(PrivlmError(f"{directory / 'pyproject.toml'}: exists; refusing to overwrite"))
+    write_app(directory)
+    console.print(f"wrote {escape(str(directory / 'pyproject.toml'))}")
+
+
+@app.command("node-key")
+def node_key(
+    path: Annotated[Path, typer.Argument(help="Private key file to write; the public key goes to PATH.pub.")],
+) -> None:
+    """Make a SuperNode authentication key pair; the operator registers PATH.pub (flwr supernode register)."""
+    from privlm.runtime.flower.certs import make_node_key
+
+    if path.exists() or path.with_suffix(".pub").exists():
+        _fail(PrivlmError(f"{path}: exists; refusing to overwrite a key"))
+    make_node_key(path)
+    console.print(f"wrote {escape(str(path))} (private: keep it on this node) and "
+                  f"{escape(str(path.with_suffix('.pub')))} (send it to the federation's operator)")

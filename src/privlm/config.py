@@ -222,6 +222,20 @@ class OutputConfig(_Section):
     checkpoint_every: int = _count(10)
 
 
+class FlowerConfig(_Section):
+    """Settings of the Flower runtimes (``privlm deploy-local``, ``runtime = "flower-simulation"``)."""
+
+    # Seconds a round waits for its sampled nodes; a node that has not answered by then is
+    # counted as dropped (it contributes nothing; the fixed denominator keeps the guarantee).
+    round_timeout: float = Field(300.0, gt=0, allow_inf_nan=False)
+    # Seconds the server waits at the start for the population's nodes to register.
+    node_wait: float = Field(120.0, gt=0, allow_inf_nan=False)
+    # flower-simulation only: the Ray cluster to join ("" = start a local one), and the CPUs
+    # each simulated ClientApp takes (Flower accepts whole CPUs).
+    ray_address: str = ""
+    client_cpus: int = _count(1)
+
+
 class RunConfig(_Section):
     seed: int = Field(0, ge=0, le=2**63 - 1)  # numpy wants >= 0; TOML ints are 64-bit
     data: DataConfig = Field(default_factory=DataConfig)
@@ -233,6 +247,10 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    # "simulation": every client in this process (the default). "flower-simulation": the same
+    # run on Flower's simulation engine (Ray), one ClientApp per client.
+    runtime: Literal["simulation", "flower-simulation"] = "simulation"
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))

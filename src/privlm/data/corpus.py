@@ -38,13 +38,8 @@ class FederatedCorpus:
         }
 
 
-def group_into_silos(corpus: FederatedCorpus, silos: int) -> FederatedCorpus:
-    """Merge the clients into ``silos`` silos, e.g. five hospitals out of many patients.
-
-    Clients sharing the id prefix before ``"/"`` (a play of the Shakespeare
-    corpus) stay together; the groups, in sorted order, are dealt round-robin to
-    silos ``silo-0`` ... A silo's text is its members' texts joined by newlines.
-    """
+def silo_members(corpus: FederatedCorpus, silos: int) -> list[list[ClientData]]:
+    """The clients that make up each of ``silos`` silos (see :func:`group_into_silos`)."""
     groups: dict[str, list[ClientData]] = {}
     for c in corpus.clients:
         groups.setdefault(c.client_id.split("/", 1)[0], []).append(c)
@@ -54,10 +49,23 @@ def group_into_silos(corpus: FederatedCorpus, silos: int) -> FederatedCorpus:
     members: list[list[ClientData]] = [[] for _ in range(silos)]
     for i, key in enumerate(sorted(groups)):
         members[i % silos].extend(groups[key])
-    merged = tuple(
-        ClientData(f"silo-{i}", "\n".join(c.train for c in ms), "\n".join(c.test for c in ms))
-        for i, ms in enumerate(members)
-    )
+    return members
+
+
+def merge_clients(client_id: str, members: list[ClientData]) -> ClientData:
+    """One client whose text is its members' texts joined by newlines."""
+    return ClientData(client_id, "\n".join(c.train for c in members), "\n".join(c.test for c in members))
+
+
+def group_into_silos(corpus: FederatedCorpus, silos: int) -> FederatedCorpus:
+    """Merge the clients into ``silos`` silos, e.g. five hospitals out of many patients.
+
+    Clients sharing the id prefix before ``"/"`` (a play of the Shakespeare
+    corpus) stay together; the groups, in sorted order, are dealt round-robin to
+    silos ``silo-0`` ... A silo's text is its members' texts joined by newlines.
+    """
+    members = silo_members(corpus, silos)
+    merged = tuple(merge_clients(f"silo-{i}", ms) for i, ms in enumerate(members))
     return FederatedCorpus(f"{corpus.name} in {silos} silos", merged,
                            {**corpus.info, "silo_members": [len(ms) for ms in members]})
 

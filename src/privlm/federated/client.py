@@ -115,18 +115,19 @@ def local_train(
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_sums(
     model: nn.Module, params: Params, tokens: list[torch.Tensor], batch_size: int = 64
-) -> tuple[float, float, int]:
-    """Mean next-token loss and accuracy over held-out token streams.
+) -> tuple[float, int, int]:
+    """Summed next-token loss, correct predictions and predicted tokens over held-out streams.
 
-    Returns ``(loss, accuracy, num_tokens)``; each stream is windowed like training.
+    Each stream is windowed like training. Sums (not means) so that several
+    holders of held-out text (federated evaluation) can be pooled exactly.
     """
     set_params(model, params)
     model.eval()
     xs, ys = zip(*(make_windows(t, model.cfg.block_size) for t in tokens)) if tokens else ((), ())
     if not xs:
-        return float("nan"), float("nan"), 0
+        return 0.0, 0, 0
     x, y = torch.cat(xs), torch.cat(ys)
     loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, x.size(0), batch_size):
@@ -138,6 +139,17 @@ def evaluate(
         )
         correct += int((logits.argmax(-1) == by)[mask].sum())
         count += int(mask.sum())
+    return loss_sum, correct, count
+
+
+def evaluate(
+    model: nn.Module, params: Params, tokens: list[torch.Tensor], batch_size: int = 64
+) -> tuple[float, float, int]:
+    """Mean next-token loss and accuracy over held-out token streams.
+
+    Returns ``(loss, accuracy, num_tokens)``; each stream is windowed like training.
+    """
+    loss_sum, correct, count = evaluate_sums(model, params, tokens, batch_size)
     if count == 0:
         return float("nan"), float("nan"), 0
     return loss_sum / count, correct / count, count

@@ -21,7 +21,10 @@ class ByteTokenizer:
     vocab_size = 256
 
     def encode(self, text: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+        data = bytearray(text.encode("utf-8"))
+        if not data:  # torch.frombuffer refuses an empty buffer
+            return torch.empty(0, dtype=torch.long)
+        return torch.frombuffer(data, dtype=torch.uint8).long()
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         if isinstance(ids, torch.Tensor):

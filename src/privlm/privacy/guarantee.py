@@ -24,6 +24,7 @@ def guarantee_record(
     budget: float | None,
     stopped: str | None = None,
     silos: list[dict] | None = None,
+    population: str | None = None,
 ) -> dict:
     """The content of ``privacy.json``.
 
@@ -33,6 +34,7 @@ def guarantee_record(
     recomputes it from the stored ledger.
     """
     eps = epsilon
+    population = population or f"the {num_clients} clients of the data"
     if mode == "none":
         words = "No differential privacy: this model was trained without clipping or noise."
     elif mode == "example":
@@ -55,7 +57,7 @@ def guarantee_record(
     else:
         words = (
             f"User-level ({eps:.3g}, {delta:.3g})-differential privacy: for any one client "
-            f"(user) of the {num_clients} in the population, adding or removing all of that "
+            f"(user) of the population ({population}), adding or removing all of that "
             f"user's data changes the probability of any outcome of the released model "
             f"checkpoints by at most a factor e^{eps:.3g}, except with probability {delta:.3g}. "
             f"Mechanism: Poisson sampling with q={sampling_rate:.4g}, per-user L2 clipping to "
@@ -81,6 +83,7 @@ def guarantee_record(
         "clip_norm": clip_norm if mode == "user" else None,
         "sampling_rate": sampling_rate,
         "num_clients": num_clients,
+        "population": population,
         "clients_per_round": clients_per_round,
         "rounds_completed": rounds_completed,
         "rounds_spent": len(ledger),

@@ -15,7 +15,6 @@ a crash can only over-count spent privacy, never under-count it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import secrets
@@ -39,7 +38,7 @@ from privlm.audit import AuditPlan, apply_plan, draw_plan, load_plan, save_plan,
 from privlm.federated.client import LocalTraining, evaluate, get_params, local_train
 from privlm.federated.dp_sgd import ExampleDP, dp_sgd_train, record_windows, silo_round_event, steps_per_round
 from privlm.federated.server_opt import ServerOptimizer
-from privlm.models import GPT, BPETokenizer, ByteTokenizer, GPTConfig, Tokenizer
+from privlm.runtime.training import build_model, client_generator, derived_seed, from_checkpoint, to_checkpoint
 from privlm.privacy.accountant import (
     calibrate_noise_multiplier,
     default_delta,
@@ -80,28 +79,6 @@ class RunResult:
     stopped: str | None = None
     metrics: list[dict] = field(default_factory=list)
     corpus_stats: dict = field(default_factory=dict)
-
-
-def build_model(cfg: RunConfig) -> tuple[torch.nn.Module, Tokenizer]:
-    """The model (its trainable tensors are what trains and travels) and its tokenizer."""
-    m = cfg.model
-    if m.kind == "hf":
-        from privlm.models.hf import load_lora_model
-
-        return load_lora_model(m.path, m.lora, m.dtype, m.max_length)
-    tok: Tokenizer = BPETokenizer(m.tokenizer) if m.tokenizer is not None else ByteTokenizer()
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-                          n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout))
-    return model, tok
-
-
-def to_checkpoint(model: torch.nn.Module, params: dict) -> dict:
-    """Tensors as written to checkpoints/ (peft adapter names for LoRA models)."""
-    return model.to_checkpoint(params) if hasattr(model, "to_checkpoint") else params
-
-
-def from_checkpoint(model: torch.nn.Module, tensors: dict) -> dict:
-    return model.from_checkpoint(tensors) if hasattr(model, "from_checkpoint") else tensors
 
 
 def resolve_privacy(cfg: RunConfig, num_clients: int) -> RunConfig:
@@ -148,31 +125,7 @@ class Simulation:
 
     def __init__(self, cfg: RunConfig, corpus: FederatedCorpus | None = None, progress: bool = False,
                  audit_plan: AuditPlan | None = None) -> None:
-        self.corpus = corpus if corpus is not None else _data.load_corpus(
-            cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed
-        )
-        self.scrub_counts: dict[str, int] | None = None
-        settings = settings_for_run(cfg)
-        if settings is not None:  # on each client, before anything reads its text
-            self.corpus, self.scrub_counts = scrub_corpus(self.corpus, settings, progress)
-        # The audit's canaries go in after scrubbing (they test DP, not the scrubber); held-out
-        # clients leave the federation. A resumed run passes the plan it saved.
-        self.audit_plan = audit_plan
-        if self.audit_plan is None and (cfg.audit.canaries > 0 or cfg.audit.update_canaries > 0):
-            a = cfg.audit
-            self.audit_plan = draw_plan([c.client_id for c in self.corpus.clients], a.canaries, a.canary_format,
-                                        a.secret_digits, a.canary_repeats, a.holdout_fraction,
-                                        cfg.seed if cfg.privacy.seeded_noise else None, a.update_canaries)
-        if self.audit_plan is not None:
-            if self.audit_plan.update_included and cfg.privacy.mode != "user":
-                raise ConfigError("audit.update_canaries: white-box canaries audit user-level DP "
-                                  "(privacy.mode = \"user\"); set it to 0")
-            self.corpus = apply_plan(self.corpus, self.audit_plan)
-        if cfg.data.silos is not None:
-            try:
-                self.corpus = group_into_silos(self.corpus, cfg.data.silos)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+        self.corpus, self.scrub_counts, self.audit_plan = self._prepare_corpus(cfg, corpus, progress, audit_plan)
         self.cfg = resolve_privacy(cfg, self.corpus.num_clients)
         c = self.cfg
         torch.manual_seed(c.seed)
@@ -183,7 +136,8 @@ class Simulation:
         order = rng.permutation(self.corpus.num_clients)
         if c.eval.max_clients is not None:
             order = order[: c.eval.max_clients]
-        self.eval_tokens = [t for i in sorted(order) if (t := tok.encode(self.corpus.clients[i].test)).numel() > 1]
+        self.eval_clients = sorted(order.tolist())  # whose held-out text scores the model
+        self.eval_tokens = [t for i in self.eval_clients if (t := tok.encode(self.corpus.clients[i].test)).numel() > 1]
         self.algo = dp_fedavg.DPFedAvg(
             num_clients=self.corpus.num_clients,
             clients_per_round=c.federation.clients_per_round,
@@ -204,6 +158,36 @@ class Simulation:
         self.silos: dict[int, SiloPlan] = self._plan_silos() if self.example else {}
         self.silo_epsilon: dict[str, float] = {s.silo_id: 0.0 for s in self.silos.values()}
         self.silo_stopped: dict[str, str] = {}
+        self.population = f"the {self.corpus.num_clients} clients of the data (in-process simulation)"
+
+    def _prepare_corpus(self, cfg: RunConfig, corpus: FederatedCorpus | None, progress: bool,
+                        audit_plan: AuditPlan | None) -> tuple[FederatedCorpus, dict[str, int] | None, AuditPlan | None]:
+        """The population as the server sees it: loaded, scrubbed on each client, canaries in, silos merged."""
+        corpus = corpus if corpus is not None else _data.load_corpus(
+            cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed
+        )
+        scrub_counts: dict[str, int] | None = None
+        settings = settings_for_run(cfg)
+        if settings is not None:  # on each client, before anything reads its text
+            corpus, scrub_counts = scrub_corpus(corpus, settings, progress)
+        # The audit's canaries go in after scrubbing (they test DP, not the scrubber); held-out
+        # clients leave the federation. A resumed run passes the plan it saved.
+        if audit_plan is None and (cfg.audit.canaries > 0 or cfg.audit.update_canaries > 0):
+            a = cfg.audit
+            audit_plan = draw_plan([c.client_id for c in corpus.clients], a.canaries, a.canary_format,
+                                   a.secret_digits, a.canary_repeats, a.holdout_fraction,
+                                   cfg.seed if cfg.privacy.seeded_noise else None, a.update_canaries)
+        if audit_plan is not None:
+            if audit_plan.update_included and cfg.privacy.mode != "user":
+                raise ConfigError("audit.update_canaries: white-box canaries audit user-level DP "
+                                  "(privacy.mode = \"user\"); set it to 0")
+            corpus = apply_plan(corpus, audit_plan)
+        if cfg.data.silos is not None:
+            try:
+                corpus = group_into_silos(corpus, cfg.data.silos)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        return corpus, scrub_counts, audit_plan
 
     def _plan_silos(self) -> dict[int, SiloPlan]:
         """Example-level mode: each silo's records, sampling rate, steps and noise, fixed up front."""
@@ -256,7 +240,7 @@ class Simulation:
                 yield dp_fedavg.Contribution(cid, res.update, 1.0, res.loss_sum / res.steps)
                 continue
             res = local_train(self.model, state.params, self.train_tokens[i], self.local,
-                              self._batch_order(state.round, cid))
+                              client_generator(self.cfg, state.round, cid))
             if on_client:
                 on_client()
             yield dp_fedavg.Contribution(
@@ -278,7 +262,7 @@ class Simulation:
         if plan is None or not plan.update_included:
             return
         r = state.round + 1
-        seed = _derived_seed(self.cfg.seed, "audit-canary-sampling", r) if self.replayable else secrets.randbits(128)
+        seed = derived_seed(self.cfg.seed, "audit-canary-sampling", r) if self.replayable else secrets.randbits(128)
         draws = np.random.default_rng(seed).random(len(plan.update_included))
         shapes = {k: v.shape for k, v in state.params.items()}
         for k, included in enumerate(plan.update_included):
@@ -287,23 +271,10 @@ class Simulation:
                 update = {name: (t * self.algo.clip_norm).to(state.params[name].dtype) for name, t in direction.items()}
                 yield dp_fedavg.Contribution(f"audit-canary-{k}", update, 1.0, None)
 
-    def _batch_order(self, round_index: int, client_id: str) -> torch.Generator:
-        """Generator for the order of a client's batches.
-
-        It depends on the client's own id, never on its index in the population
-        (which other users' presence could shift, making one user's presence
-        change another's update); in secure mode it is fresh OS randomness.
-        """
-        if self.replayable:
-            seed = _derived_seed(self.cfg.seed, f"batches:{round_index}", client_id)
-        else:
-            seed = secrets.randbits(63)
-        return torch.Generator().manual_seed(seed)
-
     def _silo_rng(self, round_index: int, silo_id: str) -> np.random.Generator:
         """The Poisson sampling of a silo's records: part of the DP-SGD mechanism, so secret."""
         if self.cfg.privacy.seeded_noise:
-            return np.random.default_rng(_derived_seed(self.cfg.seed, f"records:{round_index}", silo_id))
+            return np.random.default_rng(derived_seed(self.cfg.seed, f"records:{round_index}", silo_id))
         return np.random.Generator(np.random.Philox(key=secrets.randbits(128)))
 
     def evaluate(self, params) -> tuple[float, float]:
@@ -319,7 +290,7 @@ class Simulation:
             sampling_rate=self.algo.sampling_rate, num_clients=self.algo.num_clients,
             clients_per_round=self.algo.clients_per_round, rounds_completed=rounds_completed,
             seeded_noise=p.seeded_noise, budget=p.budget if p.mode != "none" else None,
-            stopped=stopped, silos=[
+            stopped=stopped, population=self.population, silos=[
                 {"silo": s.silo_id, "epsilon": self.silo_epsilon[s.silo_id], "records": int(s.x.size(0)),
                  "sampling_rate": s.dp.sampling_rate,
                  "noise_multiplier": s.dp.noise_multiplier, "steps_per_round": s.steps,
@@ -503,7 +474,7 @@ class Simulation:
                 t0 = time.perf_counter()
                 # 1. Budget check, then the round's privacy cost, durable before anything else.
                 if self.replayable:  # e.g. dropout: make the round a function of (state, r)
-                    torch.manual_seed(_derived_seed(c.seed, "torch", r))
+                    torch.manual_seed(derived_seed(c.seed, "torch", r))
                 if self.example:
                     ids, stopped = self._pay_silos(rd, r)
                     eps = self.epsilon
@@ -535,6 +506,7 @@ class Simulation:
                 if bar:
                     bar.reset(clients_task, total=len(ids))
                 advance = (lambda: bar.advance(clients_task)) if bar else None
+                self.dropped = 0  # sampled clients that never answered (a remote runtime counts them)
                 state, stats = dp_fedavg.apply(
                     self.algo, state, self.contributions(state, ids, advance),
                     self.noise.generator(r) if self.algo.private else None,  # example: noise is in DP-SGD
@@ -553,6 +525,7 @@ class Simulation:
                     "clients": stats.clients,
                     "sampled": len(ids),
                     "rejected": stats.rejected,
+                    "dropped": self.dropped,
                     "clipped": stats.clipped,
                     "seconds": round(time.perf_counter() - t0, 4),
                 }
@@ -591,12 +564,6 @@ class Simulation:
         )
 
 
-def _derived_seed(seed: int, stream: str, key: object) -> int:
-    """A 63-bit seed from (seed, stream, key): for seeded runs only, never for secure noise."""
-    digest = hashlib.sha256(f"{seed}:{stream}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def _num(x: float) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 6)
 
@@ -612,8 +579,31 @@ def _progress(enabled: bool):
 
 def run(cfg: RunConfig, out: Path | None = None, progress: bool = True,
         corpus: FederatedCorpus | None = None) -> RunResult:
-    """Run ``cfg`` in process and return its results (the notebook API)."""
+    """Run ``cfg`` and return its results (the notebook API).
+
+    In process, or on Flower's simulation engine with ``runtime = "flower-simulation"``.
+    """
+    if cfg.runtime == "flower-simulation":
+        if corpus is not None:
+            raise ConfigError('runtime: "flower-simulation" reads the data on the nodes; pass no corpus')
+        from privlm.runtime.flower.ray_simulation import run_flower_simulation
+
+        return result_from_run_dir(run_flower_simulation(cfg, out, progress))
     return Simulation(cfg, corpus, progress).run(out, progress)
+
+
+def result_from_run_dir(path: Path) -> RunResult:
+    """The :class:`RunResult` of a finished run, read back from its directory."""
+    rd = open_run_dir(path)
+    rows = rd.read_metrics()
+    record = rd.read_privacy()
+    evals = [r for r in rows if r.get("eval_loss") is not None]
+    return RunResult(
+        run_dir=rd.path, rounds_completed=record["rounds_completed"], epsilon=record["epsilon"],
+        delta=record["delta"], eval_loss=evals[-1]["eval_loss"] if evals else float("nan"),
+        eval_accuracy=evals[-1]["eval_accuracy"] if evals else float("nan"), stopped=record.get("stopped"),
+        metrics=rows, corpus_stats={"num_clients": record["num_clients"]},
+    )
 
 
 def resume(run_dir: Path, progress: bool = True, corpus: FederatedCorpus | None = None) -> RunResult:

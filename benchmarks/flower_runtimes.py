@@ -1,0 +1,153 @@
+"""One workload on three runtimes, side by side (issue #3).
+
+    python benchmarks/flower_runtimes.py --data ../shared/data --out benchmarks/out [--clients 6 --rounds 3]
+
+The same DP-FedAvg run (tiny Shakespeare split into ``--clients`` clients, the
+same model, local steps, rounds, seed and seeded noise) on:
+
+* ``in-process``: privlm's simulation (``privlm run``);
+* ``flower-simulation``: Flower's simulation engine, Ray backend
+  (``runtime = "flower-simulation"``), one virtual SuperNode per client;
+* ``deploy-local``: a real SuperLink and one SuperNode process per client on
+  127.0.0.1 (``privlm deploy-local``).
+
+Every client is sampled every round (q = 1), so each run does the same
+``clients x rounds`` client updates. Throughput is client updates per second
+of the rounds (from ``metrics.jsonl``) and of the whole command (start-up and
+shut-down included). "Equal results" is checked: the final parameters of the
+Flower runs must match the in-process run's.
+
+It also times where a Flower message's cost goes: starting a ClientApp process
+(Python + torch + privlm imports, paid per message in deployment), encoding
+and decoding the parameters, and the local training itself.
+
+Prints one JSON object per measurement and writes ``flower_runtimes.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from privlm.config import load_config
+from privlm.federated.client import LocalTraining, get_params, local_train
+from privlm.runtime.flower import codec
+from privlm.runtime.flower.deploy import deploy_local
+from privlm.runtime.flower.ray_simulation import run_flower_simulation
+from privlm.runtime.simulation import Simulation
+
+
+def workload(data: Path, clients: int, rounds: int, steps: int) -> list[str]:
+    return [
+        "data.source=tinyshakespeare", f'data.path="{data / "tinyshakespeare.txt"}"', f"data.silos={clients}",
+        "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.block_size=64",
+        "client.batch_size=16", "client.optimizer=adam", "client.lr=0.003", f"client.local_steps={steps}",
+        f"federation.rounds={rounds}", f"federation.clients_per_round={clients}",
+        "privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0", "privacy.seeded_noise=true",
+        f"eval.every={rounds}", "output.checkpoint_every=1000", "seed=3",
+    ]
+
+
+def summary(name: str, run_dir: Path, wall: float, rounds: int) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    updates = sum(r["clients"] for r in rows)
+    round_seconds = sum(r["seconds"] for r in rows)
+    return {
+        "runtime": name, "rounds": len(rows), "client_updates": updates,
+        "round_seconds": round(round_seconds, 2), "wall_seconds": round(wall, 2),
+        "updates_per_s_rounds": round(updates / round_seconds, 3),
+        "updates_per_s_wall": round(updates / wall, 3),
+        "final_eval_loss": rows[-1]["eval_loss"], "epsilon": rows[-1]["epsilon"],
+        "dropped": sum(r.get("dropped", 0) for r in rows),
+    }
+
+
+def max_param_diff(a: Path, b: Path, rounds: int) -> float:
+    pa = load_file(a / "checkpoints" / f"round-{rounds:04d}.safetensors")
+    pb = load_file(b / "checkpoints" / f"round-{rounds:04d}.safetensors")
+    return max(float((pa[k] - pb[k]).abs().max()) for k in pa)
+
+
+def message_costs(cfg) -> dict:
+    """What one train message costs besides the training: process start, codec."""
+    starts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import privlm.runtime.flower.client_app"], check=True)
+        starts.append(time.perf_counter() - t)
+    sim = Simulation(cfg)
+    params = get_params(sim.model)
+    t = time.perf_counter()
+    for _ in range(20):
+        rec = codec.to_record(params)
+        codec.from_record(rec, params)
+    codec_s = (time.perf_counter() - t) / 20
+    c = sim.cfg.client
+    local = LocalTraining(c.local_epochs, c.local_steps, c.batch_size, c.lr, c.optimizer)
+    t = time.perf_counter()
+    for i in range(len(sim.train_tokens)):
+        local_train(sim.model, params, sim.train_tokens[i], local, torch.Generator().manual_seed(i))
+    train_s = (time.perf_counter() - t) / len(sim.train_tokens)
+    return {"clientapp_process_start_s": round(statistics.median(starts), 3),
+            "encode_decode_params_s": round(codec_s, 5),
+            "param_bytes": sum(v.numel() * v.element_size() for v in params.values()),
+            "local_training_s": round(train_s, 3),
+            "supernode_poll_interval_s": 3.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    ap.add_argument("--clients", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    overrides = workload(args.data.resolve(), args.clients, args.rounds, args.steps)
+    results: dict = {"workload": overrides, "command": " ".join(sys.argv)}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        runs = {}
+        t = time.perf_counter()
+        Simulation(load_config(None, overrides)).run(tmp / "in-process", progress=False)
+        runs["in-process"] = summary("in-process", tmp / "in-process", time.perf_counter() - t, args.rounds)
+        print(json.dumps(runs["in-process"]), flush=True)
+        t = time.perf_counter()
+        run_flower_simulation(load_config(None, [*overrides, "runtime=flower-simulation"]), tmp / "flower-simulation",
+                              progress=False)
+        runs["flower-simulation"] = summary("flower-simulation", tmp / "flower-simulation",
+                                            time.perf_counter() - t, args.rounds)
+        print(json.dumps(runs["flower-simulation"]), flush=True)
+        t = time.perf_counter()
+        cfg = load_config(None, [o for o in overrides if not o.startswith("data.silos")])
+        deploy_local(cfg, args.clients, tmp / "deploy-local", progress=False)
+        runs["deploy-local"] = summary("deploy-local", tmp / "deploy-local", time.perf_counter() - t, args.rounds)
+        print(json.dumps(runs["deploy-local"]), flush=True)
+        for name in ("flower-simulation", "deploy-local"):
+            runs[name]["max_abs_param_diff_vs_in_process"] = max_param_diff(tmp / "in-process", tmp / name,
+                                                                             args.rounds)
+            runs[name]["in_process_speedup_rounds"] = round(
+                runs["in-process"]["updates_per_s_rounds"] / runs[name]["updates_per_s_rounds"], 1)
+            runs[name]["in_process_speedup_wall"] = round(
+                runs["in-process"]["updates_per_s_wall"] / runs[name]["updates_per_s_wall"], 1)
+        results["runs"] = runs
+        results["message_costs"] = message_costs(load_config(None, overrides))
+        print(json.dumps(results["message_costs"]), flush=True)
+    (args.out / "flower_runtimes.json").write_text(json.dumps(results, indent=2) + "\n")
+    for name, r in results["runs"].items():
+        print(f"{name:18s} {r['updates_per_s_rounds']:8.2f} updates/s (rounds) {r['updates_per_s_wall']:8.2f} "
+              f"updates/s (wall)  loss {r['final_eval_loss']}  eps {r['epsilon']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""What any machine that trains a client needs, without the server's machinery.
+
+Model construction and the per-client randomness of local training, shared by
+the in-process simulation and the Flower ClientApp (which imports this, not the
+simulation, so a node never loads the accountant).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import torch
+
+from privlm.config import RunConfig
+from privlm.models import GPT, BPETokenizer, ByteTokenizer, GPTConfig, Tokenizer
+
+
+def build_model(cfg: RunConfig) -> tuple[torch.nn.Module, Tokenizer]:
+    """The model (its trainable tensors are what trains and travels) and its tokenizer."""
+    m = cfg.model
+    if m.kind == "hf":
+        from privlm.models.hf import load_lora_model
+
+        return load_lora_model(m.path, m.lora, m.dtype, m.max_length)
+    tok: Tokenizer = BPETokenizer(m.tokenizer) if m.tokenizer is not None else ByteTokenizer()
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+                          n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout))
+    return model, tok
+
+
+def to_checkpoint(model: torch.nn.Module, params: dict) -> dict:
+    """Tensors as written to checkpoints/ (peft adapter names for LoRA models)."""
+    return model.to_checkpoint(params) if hasattr(model, "to_checkpoint") else params
+
+
+def from_checkpoint(model: torch.nn.Module, tensors: dict) -> dict:
+    return model.from_checkpoint(tensors) if hasattr(model, "from_checkpoint") else tensors
+
+
+def client_generator(cfg: RunConfig, round_index: int, client_id: str) -> torch.Generator:
+    """The randomness of one client's local training in a round, on whichever machine trains it.
+
+    Returns the generator for the order of its batches, and seeds torch's global
+    generator (dropout) the same way. Both depend on the client's own id, never on
+    its index in the population or on the clients trained before it in this
+    process: otherwise one user's presence would change another's update and the
+    sensitivity C of the sum would not hold. In secure mode both are fresh OS
+    randomness; in seeded (and non-private) runs they are derived from
+    ``(seed, round, client id)``, so every runtime trains a client identically.
+    """
+    if cfg.privacy.seeded_noise or cfg.privacy.mode == "none":
+        seed = derived_seed(cfg.seed, f"batches:{round_index}", client_id)
+        torch.manual_seed(derived_seed(cfg.seed, f"torch:{round_index}", client_id))
+    else:
+        seed = secrets.randbits(63)
+        torch.manual_seed(secrets.randbits(63))
+    return torch.Generator().manual_seed(seed)
+
+
+def derived_seed(seed: int, stream: str, key: object) -> int:
+    """A 63-bit seed from (seed, stream, key): for seeded runs only, never for secure noise."""
+    digest = hashlib.sha256(f"{seed}:{stream}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
