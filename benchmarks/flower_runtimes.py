@@ -1,9 +1,11 @@
 """One workload on three runtimes, side by side (issue #3).
 
-    python benchmarks/flower_runtimes.py --data ../shared/data --out benchmarks/out [--clients 6 --rounds 3]
+    python benchmarks/flower_runtimes.py --data ../shared/data --out benchmarks/out [--rounds 3]
 
-The same DP-FedAvg run (tiny Shakespeare split into ``--clients`` clients, the
-same model, local steps, rounds, seed and seeded noise) on:
+Two workloads -- "light" (12 clients, 1 local step each: cross-device, messaging
+dominates) and "heavy" (6 clients, 10 local steps each: local training
+dominates) -- each the same DP-FedAvg run (tiny Shakespeare split into that many
+clients, the same model, local steps, rounds, seed and seeded noise) on:
 
 * ``in-process``: privlm's simulation (``privlm run``);
 * ``flower-simulation``: Flower's simulation engine, Ray backend
@@ -52,8 +54,9 @@ def workload(data: Path, clients: int, rounds: int, steps: int) -> list[str]:
         "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.block_size=64",
         "client.batch_size=16", "client.optimizer=adam", "client.lr=0.003", f"client.local_steps={steps}",
         f"federation.rounds={rounds}", f"federation.clients_per_round={clients}",
-        "privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0", "privacy.seeded_noise=true",
-        f"eval.every={rounds}", "output.checkpoint_every=1000", "seed=3",
+        "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5", "privacy.target_epsilon=100",
+        "privacy.seeded_noise=true",
+        f"eval.every={rounds}", "eval.max_clients=1", "output.checkpoint_every=1000", "seed=3",
     ]
 
 
@@ -61,7 +64,10 @@ def summary(name: str, run_dir: Path, wall: float, rounds: int) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     updates = sum(r["clients"] for r in rows)
     round_seconds = sum(r["seconds"] for r in rows)
+    # Steady state: rounds 2.. (round 1 pays one-time costs: imports, Ray actors warming up).
+    steady = rows[1:]
     return {
+        "updates_per_s_steady": round(sum(r["clients"] for r in steady) / sum(r["seconds"] for r in steady), 3),
         "runtime": name, "rounds": len(rows), "client_updates": updates,
         "round_seconds": round(round_seconds, 2), "wall_seconds": round(wall, 2),
         "updates_per_s_rounds": round(updates / round_seconds, 3),
@@ -79,11 +85,19 @@ def max_param_diff(a: Path, b: Path, rounds: int) -> float:
 
 def message_costs(cfg) -> dict:
     """What one train message costs besides the training: process start, codec."""
-    starts = []
+    starts, optim = [], []
     for _ in range(3):
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import privlm.runtime.flower.client_app"], check=True)
         starts.append(time.perf_counter() - t)
+        # torch.optim's first optimizer imports torch._dynamo: paid once per process
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch; torch.optim.Adam([torch.zeros(1, requires_grad=True)])"],
+                       check=True)
+        with_optim = time.perf_counter() - t
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        optim.append(with_optim - (time.perf_counter() - t))
     sim = Simulation(cfg)
     params = get_params(sim.model)
     t = time.perf_counter()
@@ -98,55 +112,67 @@ def message_costs(cfg) -> dict:
         local_train(sim.model, params, sim.train_tokens[i], local, torch.Generator().manual_seed(i))
     train_s = (time.perf_counter() - t) / len(sim.train_tokens)
     return {"clientapp_process_start_s": round(statistics.median(starts), 3),
+            "first_torch_optimizer_s": round(statistics.median(optim), 3),
             "encode_decode_params_s": round(codec_s, 5),
             "param_bytes": sum(v.numel() * v.element_size() for v in params.values()),
             "local_training_s": round(train_s, 3),
             "supernode_poll_interval_s": 3.0}
 
 
+def compare(data: Path, tmp: Path, name: str, clients: int, rounds: int, steps: int) -> dict:
+    """One workload on the three runtimes; the speed-ups of in-process over each Flower runtime."""
+    overrides = workload(data, clients, rounds, steps)
+    runs: dict = {}
+    t = time.perf_counter()
+    Simulation(load_config(None, overrides)).run(tmp / name / "in-process", progress=False)
+    runs["in-process"] = summary("in-process", tmp / name / "in-process", time.perf_counter() - t, rounds)
+    print(json.dumps({"workload": name, **runs["in-process"]}), flush=True)
+    t = time.perf_counter()
+    run_flower_simulation(load_config(None, [*overrides, "runtime=flower-simulation"]),
+                          tmp / name / "flower-simulation", progress=False)
+    runs["flower-simulation"] = summary("flower-simulation", tmp / name / "flower-simulation",
+                                        time.perf_counter() - t, rounds)
+    print(json.dumps({"workload": name, **runs["flower-simulation"]}), flush=True)
+    t = time.perf_counter()
+    cfg = load_config(None, [o for o in overrides if not o.startswith("data.silos")])
+    deploy_local(cfg, clients, tmp / name / "deploy-local", progress=False)
+    runs["deploy-local"] = summary("deploy-local", tmp / name / "deploy-local", time.perf_counter() - t, rounds)
+    print(json.dumps({"workload": name, **runs["deploy-local"]}), flush=True)
+    for other in ("flower-simulation", "deploy-local"):
+        r = runs[other]
+        r["max_abs_param_diff_vs_in_process"] = max_param_diff(tmp / name / "in-process", tmp / name / other, rounds)
+        r["in_process_speedup_rounds"] = round(runs["in-process"]["updates_per_s_rounds"] / r["updates_per_s_rounds"], 1)
+        r["in_process_speedup_steady"] = round(runs["in-process"]["updates_per_s_steady"] / r["updates_per_s_steady"], 1)
+        r["in_process_speedup_wall"] = round(runs["in-process"]["updates_per_s_wall"] / r["updates_per_s_wall"], 1)
+    return {"clients": clients, "rounds": rounds, "local_steps": steps, "overrides": overrides, "runs": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
-    ap.add_argument("--clients", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    overrides = workload(args.data.resolve(), args.clients, args.rounds, args.steps)
-    results: dict = {"workload": overrides, "command": " ".join(sys.argv)}
+    data = args.data.resolve()
+    # light: cross-device, little local work per client (messaging dominates);
+    # heavy: fewer clients with 10 local steps each (local training dominates).
+    workloads = {"light": (12, 1), "heavy": (6, 10)}
+    results: dict = {"command": " ".join(sys.argv), "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        runs = {}
-        t = time.perf_counter()
-        Simulation(load_config(None, overrides)).run(tmp / "in-process", progress=False)
-        runs["in-process"] = summary("in-process", tmp / "in-process", time.perf_counter() - t, args.rounds)
-        print(json.dumps(runs["in-process"]), flush=True)
-        t = time.perf_counter()
-        run_flower_simulation(load_config(None, [*overrides, "runtime=flower-simulation"]), tmp / "flower-simulation",
-                              progress=False)
-        runs["flower-simulation"] = summary("flower-simulation", tmp / "flower-simulation",
-                                            time.perf_counter() - t, args.rounds)
-        print(json.dumps(runs["flower-simulation"]), flush=True)
-        t = time.perf_counter()
-        cfg = load_config(None, [o for o in overrides if not o.startswith("data.silos")])
-        deploy_local(cfg, args.clients, tmp / "deploy-local", progress=False)
-        runs["deploy-local"] = summary("deploy-local", tmp / "deploy-local", time.perf_counter() - t, args.rounds)
-        print(json.dumps(runs["deploy-local"]), flush=True)
-        for name in ("flower-simulation", "deploy-local"):
-            runs[name]["max_abs_param_diff_vs_in_process"] = max_param_diff(tmp / "in-process", tmp / name,
-                                                                             args.rounds)
-            runs[name]["in_process_speedup_rounds"] = round(
-                runs["in-process"]["updates_per_s_rounds"] / runs[name]["updates_per_s_rounds"], 1)
-            runs[name]["in_process_speedup_wall"] = round(
-                runs["in-process"]["updates_per_s_wall"] / runs[name]["updates_per_s_wall"], 1)
-        results["runs"] = runs
-        results["message_costs"] = message_costs(load_config(None, overrides))
+        for name, (clients, steps) in workloads.items():
+            results["workloads"][name] = compare(data, Path(tmp), name, clients, args.rounds, steps)
+        results["message_costs"] = message_costs(load_config(None, workload(data, 6, args.rounds, 10)))
         print(json.dumps(results["message_costs"]), flush=True)
     (args.out / "flower_runtimes.json").write_text(json.dumps(results, indent=2) + "\n")
-    for name, r in results["runs"].items():
-        print(f"{name:18s} {r['updates_per_s_rounds']:8.2f} updates/s (rounds) {r['updates_per_s_wall']:8.2f} "
-              f"updates/s (wall)  loss {r['final_eval_loss']}  eps {r['epsilon']:.4f}")
+    for name, w in results["workloads"].items():
+        for rt, r in w["runs"].items():
+            print(f"{name:6s} {rt:18s} {r['updates_per_s_rounds']:8.2f} updates/s (rounds) "
+                  f"{r['updates_per_s_wall']:8.2f} updates/s (wall) "
+                  f"{r['updates_per_s_steady']:8.2f} updates/s (steady)  loss {r['final_eval_loss']}  "
+                  f"eps {r['epsilon']:.4f}  speed-up of in-process {r.get('in_process_speedup_rounds', '-')}x "
+                  f"(rounds) {r.get('in_process_speedup_steady', '-')}x (steady) "
+                  f"{r.get('in_process_speedup_wall', '-')}x (wall)")
 
 
 if __name__ == "__main__":

@@ -195,3 +195,23 @@ def test_flower_simulation_engine_equals_the_in_process_run(shared_data, tmp_pat
         assert torch.allclose(sim_p[k], ray_p[k], atol=1e-5), k
     assert "4 Flower nodes" in json.loads((tmp_path / "ray" / "privacy.json").read_text())["population"]
     assert _flower_processes(tmp_path / "ray") == []
+
+
+def test_a_model_of_300_mb_travels(shared_data, tmp_path):
+    """Parameters well over gRPC's classic 4 MB default and common 256 MB proxy limits: Flower
+    streams arrays in chunks, so a 300 MB model goes out to both nodes and comes back."""
+    owners = tmp_path / "owners"
+    owners.mkdir()
+    for name in ("ana", "ben"):  # little text: the cost here is the model, not the data
+        (owners / f"{name}.txt").write_text("".join(f"line {i} of {name}'s notes\n" for i in range(10)))
+    cfg = _cfg(shared_data, "data.source=dir", f'data.path="{owners}"', "model.n_layer=6", "model.n_embd=1024",
+               "model.n_head=8", "model.block_size=8", "client.local_steps=1", "client.batch_size=1",
+               "federation.rounds=1", "federation.clients_per_round=2", "flower.round_timeout=240")
+    run_dir = deploy_local(cfg, 2, tmp_path / "big", progress=False)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["clients"] == 2 and rows[0]["dropped"] == 0 and rows[0]["rejected"] == 0
+    size = (run_dir / "checkpoints" / "round-0001.safetensors").stat().st_size
+    assert size > 300e6, size
+    before, after = _params(run_dir, 0), _params(run_dir, 1)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert _flower_processes(run_dir) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -518,3 +519,28 @@ def node_key(
     make_node_key(path)
     console.print(f"wrote {escape(str(path))} (private: keep it on this node) and "
                   f"{escape(str(path.with_suffix('.pub')))} (send it to the federation's operator)")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Optional[Path], typer.Argument(help="TOML config (default: the embedded default).")] = None,
+    set_grid: Annotated[Optional[list[str]], typer.Option(
+        "--set-grid", help="KEY=V1,V2,...: one run per value (repeat for a grid; inf epsilon = non-private).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key for every run.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the runs, sweep.json/.md/.png.")] = Path("sweep"),
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+) -> None:
+    """Run a grid of configs (e.g. target epsilons) and draw accuracy against epsilon."""
+    from privlm.sweep import sweep as _sweep
+
+    if not set_grid:
+        _fail(PrivlmError("--set-grid: give at least one KEY=V1,V2,..."))
+    try:
+        def show(row: dict) -> None:
+            eps = "non-private" if row["epsilon"] is None else f"epsilon {row['epsilon']:.3f}"
+            console.print(f"{escape(json.dumps(row['point']))}: {eps}, accuracy {row['eval_accuracy']:.4f}")
+
+        _sweep(config, set_ or [], set_grid, out, progress=not no_progress, on_result=show)
+    except PrivlmError as e:
+        _fail(e)
+    console.print(f"written: {escape(str(out))}/sweep.json, sweep.md, sweep.png")

@@ -171,6 +171,12 @@ class PrivacyConfig(_Section):
     accountant: Literal["pld", "rdp"] = "pld"
     seeded_noise: bool = False  # tests only: noise and sampling from `seed`
     example: ExampleLevelConfig = Field(default_factory=ExampleLevelConfig)  # mode = "example"
+    # Adaptive clipping (user mode; Andrew et al. 2021): clip_norm is then the initial C (0.1
+    # unless given), moved each round towards the target quantile of the update norms.
+    adaptive_clipping: bool = False
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(0.2, gt=0, allow_inf_nan=False)
+    clipped_count_stddev: float | None = Field(None, gt=0, allow_inf_nan=False)  # default: clients_per_round / 20
 
     @model_validator(mode="after")
     def _has_noise(self) -> PrivacyConfig:
@@ -178,6 +184,10 @@ class PrivacyConfig(_Section):
             raise ValueError(f"{self.mode} mode needs noise_multiplier or target_epsilon")
         if self.target_epsilon is not None and math.isinf(self.target_epsilon) and self.mode != "none" and self.noise_multiplier is None:
             raise ValueError("target_epsilon = inf means no privacy: set mode = \"none\" instead")
+        if self.adaptive_clipping and self.mode != "user":
+            raise ValueError("adaptive_clipping is for user-level DP (mode = \"user\")")
+        if self.adaptive_clipping and "clip_norm" not in self.model_fields_set:
+            self.clip_norm = 0.1  # the paper's initial C
         return self
 
     @property

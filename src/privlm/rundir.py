@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import tempfile
 from datetime import datetime
@@ -156,7 +157,8 @@ class RunDir:
         return path
 
     def save_state(self, round_index: int, params: dict[str, torch.Tensor],
-                   opt_state: dict[str, dict[str, torch.Tensor]], ledger_entries: int = 0) -> None:
+                   opt_state: dict[str, dict[str, torch.Tensor]], ledger_entries: int = 0,
+                   clip_norm: float | None = None) -> None:
         """The resume state after ``round_index``: parameters and server-optimizer slots."""
         tensors = {f"params/{k}": v.detach().contiguous() for k, v in params.items()}
         for slot, values in opt_state.items():
@@ -165,11 +167,15 @@ class RunDir:
         # refuses a ledger shorter than that: a stale or swapped privacy.json).
         # One metadata key: safetensors writes several in no fixed order, and the chaos test
         # compares state files byte for byte.
-        meta = {"state": json.dumps({"round": round_index, "ledger_entries": ledger_entries})}
+        info = {"round": round_index, "ledger_entries": ledger_entries}
+        if clip_norm is not None:  # adaptive clipping: the C of the next round (float repr round-trips)
+            info["clip_norm"] = clip_norm
+        meta = {"state": json.dumps(info)}
         atomic_write(self.state_path, save(tensors, metadata=meta))
 
     # -- reading -----------------------------------------------------------
-    def load_state(self) -> tuple[int, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], int]:
+    def load_state(self) -> tuple[int, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], int,
+                                  float | None]:
         """Inverse of :meth:`save_state`; a missing or corrupt file is an error, never a fresh start."""
         path = self.state_path
         if not path.exists():
@@ -181,6 +187,9 @@ class RunDir:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             info = json.loads(meta["state"])
             round_index, ledger_entries = int(info["round"]), int(info["ledger_entries"])
+            clip_norm = float(info["clip_norm"]) if "clip_norm" in info else None
+            if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
+                raise ValueError(f"clip_norm {clip_norm} is not a positive number")
         except Exception as e:  # safetensors raises its own error types
             raise DataError(f"{path}: corrupt resume state ({type(e).__name__}: {e})") from None
         params: dict[str, torch.Tensor] = {}
@@ -194,7 +203,7 @@ class RunDir:
                 opt_state.setdefault(slot, {})[name] = t
             else:
                 raise DataError(f"{path}: corrupt resume state (unexpected tensor {key!r})")
-        return round_index, params, opt_state, ledger_entries
+        return round_index, params, opt_state, ledger_entries, clip_norm
 
     def read_privacy(self) -> dict:
         return read_json(self.privacy_path)

@@ -151,6 +151,28 @@ def dp_mean(
     return {k: v / expected_clients for k, v in noised.items()}
 
 
+def dp_fraction_at_most_clip(
+    running: RunningSum,
+    count_stddev: float,
+    expected_clients: float,
+    generator: np.random.Generator,
+) -> float:
+    """The noised fraction of this round's updates whose norm was at most C (adaptive clipping).
+
+    Andrew et al. 2021: each accepted update contributes ``b - 1/2`` with ``b = [norm <= C]``,
+    so one user changes the sum by at most 1/2; one Gaussian draw of std ``count_stddev`` is
+    added, and the result is divided by the expected count q*N and shifted back by 1/2.
+    This is a Gaussian mechanism of multiplier ``2 * count_stddev``; its cost is paid by the
+    raised update noise (see :class:`privlm.federated.dp_fedavg.AdaptiveClipping`).
+    """
+    if running.clip_norm is None:
+        raise ValueError("the clipped-count query needs a clipped sum")
+    if not (count_stddev > 0 and math.isfinite(count_stddev)):
+        raise ValueError(f"count noise std must be finite and > 0, got {count_stddev}")
+    centered = (running.count - running.clipped) - running.count / 2.0
+    return (centered + count_stddev * float(generator.standard_normal())) / expected_clients + 0.5
+
+
 def weighted_mean(running: RunningSum) -> Params:
     """Plain FedAvg mean (non-private): sum of weighted updates / total weight."""
     if running.weight <= 0:

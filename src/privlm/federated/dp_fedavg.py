@@ -15,6 +15,15 @@ The round's privacy cost is ``PoissonSampled(q, Gaussian(z))``: the runtime
 records it in the ledger, durably, *before* it calls ``apply``.
 Non-private FedAvg ("none") samples exactly ``clients_per_round`` clients and
 takes the token-weighted mean of unclipped updates (McMahan et al. 2017).
+
+Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with
+Adaptive Clipping"): C lives in the server state and after each round moves
+geometrically towards the target quantile of the update norms,
+``C <- C exp(-eta (b - gamma))``, where b is the noised fraction of updates with
+norm <= C. The count query is a second Gaussian mechanism on the same sample;
+the update noise is raised from z to z' = (z^-2 - (2 sigma_b)^-2)^-1/2 so that the
+two together cost exactly one Gaussian mechanism with multiplier z, which is
+what the ledger records.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import torch
 
 from privlm.federated.aggregation import (
     RunningSum,
+    dp_fraction_at_most_clip,
     dp_mean,
     validate_update,
     validate_weight,
@@ -45,19 +55,51 @@ Params = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class AdaptiveClipping:
+    """Quantile-based clip norm (Andrew et al. 2021); the defaults are the paper's and TFF's."""
+
+    target_quantile: float = 0.5  # gamma: the fraction of updates meant to be unclipped
+    learning_rate: float = 0.2  # eta, of the geometric update
+    count_stddev: float = 1.0  # sigma_b: std of the noise on the count of unclipped updates
+
+    def update_noise_multiplier(self, z: float) -> float:
+        """z' = (z^-2 - (2 sigma_b)^-2)^-1/2: the update noise that leaves room for the count."""
+        if not 2 * self.count_stddev > z:
+            raise ValueError(f"privacy.clipped_count_stddev: {self.count_stddev:g} is too small for noise "
+                             f"multiplier {z:.4g}: it must exceed z/2 = {z / 2:.4g} (the paper's default is "
+                             "clients_per_round / 20)")
+        return (z**-2 - (2 * self.count_stddev) ** -2) ** -0.5
+
+    def next_clip_norm(self, clip_norm: float, noised_fraction: float) -> float:
+        return clip_norm * math.exp(-self.learning_rate * (noised_fraction - self.target_quantile))
+
+
+@dataclass(frozen=True)
 class DPFedAvg:
     """The algorithm's fixed settings."""
 
     num_clients: int  # N, the population the guarantee is about
     clients_per_round: int  # expected clients per round, q*N
     mode: Literal["user", "none"] = "user"
-    clip_norm: float = 1.0
-    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0  # C; with adaptive clipping the initial C (the state holds the current one)
+    noise_multiplier: float = 1.0  # z: what a round costs (the ledger's multiplier)
     server_optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
+    adaptive: AdaptiveClipping | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.clients_per_round <= self.num_clients:
             raise ValueError("clients_per_round must be in [1, num_clients]")
+        if self.adaptive is not None:
+            if not self.private:
+                raise ValueError("adaptive clipping is part of user-level DP (mode = \"user\")")
+            self.adaptive.update_noise_multiplier(self.noise_multiplier)  # refuses too little count noise
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The multiplier of the noise on the sum of updates (z, or z' with adaptive clipping)."""
+        if self.adaptive is None:
+            return self.noise_multiplier
+        return self.adaptive.update_noise_multiplier(self.noise_multiplier)
 
     @property
     def sampling_rate(self) -> float:
@@ -85,6 +127,7 @@ class ServerState:
     params: Params
     opt_state: dict
     round: int = 0
+    clip_norm: float | None = None  # C for the next round (changes only with adaptive clipping)
 
 
 @dataclass(frozen=True)
@@ -104,11 +147,12 @@ class RoundStats:
     clipped: int  # contributions whose norm exceeded C
     train_loss: float  # mean client training loss (NaN if none)
     rejections: tuple[tuple[str, str], ...] = ()
+    clip_norm: float | None = None  # the C this round clipped to (None: non-private)
 
 
 def init(algo: DPFedAvg, params: Params) -> ServerState:
     return ServerState(params={k: v.clone() for k, v in params.items()},
-                       opt_state=algo.server_optimizer.init(params), round=0)
+                       opt_state=algo.server_optimizer.init(params), round=0, clip_norm=algo.clip_norm)
 
 
 def apply(
@@ -118,7 +162,8 @@ def apply(
     noise: np.random.Generator | None,
 ) -> tuple[ServerState, RoundStats]:
     """Aggregate a round's contributions (streamed) and step the server optimizer."""
-    running = RunningSum.zeros_like(state.params, algo.clip_norm if algo.private else None)
+    clip_norm = state.clip_norm if state.clip_norm is not None else algo.clip_norm
+    running = RunningSum.zeros_like(state.params, clip_norm if algo.private else None)
     rejections: list[tuple[str, str]] = []
     losses: list[float] = []
     for c in contributions:
@@ -135,7 +180,10 @@ def apply(
     if algo.private:
         if noise is None:
             raise ValueError("a private round needs a noise generator")
-        mean = dp_mean(running, algo.noise_multiplier, algo.clients_per_round, noise)
+        mean = dp_mean(running, algo.update_noise_multiplier, algo.clients_per_round, noise)
+        if algo.adaptive is not None:  # after the update noise: the same generator, a fixed order
+            fraction = dp_fraction_at_most_clip(running, algo.adaptive.count_stddev, algo.clients_per_round, noise)
+            clip_norm = algo.adaptive.next_clip_norm(clip_norm, fraction)
     else:
         mean = weighted_mean(running)
     params, opt_state = algo.server_optimizer.apply(state.params, state.opt_state, mean)
@@ -145,5 +193,6 @@ def apply(
         clipped=running.clipped,
         train_loss=float(np.mean(losses)) if losses else float("nan"),
         rejections=tuple(rejections),
+        clip_norm=running.clip_norm,
     )
-    return ServerState(params=params, opt_state=opt_state, round=state.round + 1), stats
+    return ServerState(params=params, opt_state=opt_state, round=state.round + 1, clip_norm=clip_norm), stats

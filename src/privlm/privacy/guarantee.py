@@ -25,6 +25,7 @@ def guarantee_record(
     stopped: str | None = None,
     silos: list[dict] | None = None,
     population: str | None = None,
+    adaptive_clipping: dict | None = None,
 ) -> dict:
     """The content of ``privacy.json``.
 
@@ -64,6 +65,14 @@ def guarantee_record(
             f"C={clip_norm}, Gaussian noise of std {noise_multiplier:.4g}*C on the sum, "
             f"{len(ledger)} rounds, {accountant.upper()} accounting."
         )
+        if adaptive_clipping:
+            a = adaptive_clipping
+            words += (f" With adaptive clipping (Andrew et al. 2021): C starts at {a['initial_clip_norm']:g} and "
+                      f"follows the {a['target_quantile']:g} quantile of update norms, learned from a count of "
+                      f"unclipped updates noised with std {a['clipped_count_stddev']:.4g}; the update noise is "
+                      f"raised to {a['update_noise_multiplier']:.4g}*C so that each round costs exactly one "
+                      f"Gaussian mechanism with multiplier {noise_multiplier:.4g}, which is what the ledger "
+                      f"records.")
         if ledger.lost:
             words += (f" {ledger.lost} of those rounds were paid for but lost to a crash and"
                       " run again; they are counted.")
@@ -84,6 +93,7 @@ def guarantee_record(
         "sampling_rate": sampling_rate,
         "num_clients": num_clients,
         "population": population,
+        "adaptive_clipping": adaptive_clipping,
         "clients_per_round": clients_per_round,
         "rounds_completed": rounds_completed,
         "rounds_spent": len(ledger),

@@ -32,6 +32,7 @@ import privlm.data as _data
 from privlm.data.corpus import FederatedCorpus
 from privlm.errors import ConfigError, DataError
 from privlm.federated import dp_fedavg
+from privlm.federated.dp_fedavg import AdaptiveClipping
 from privlm.data.corpus import group_into_silos, split_into_records
 from privlm.data.scrub import scrub_corpus, settings_for_run
 from privlm.audit import AuditPlan, apply_plan, draw_plan, load_plan, save_plan, update_direction
@@ -81,6 +82,15 @@ class RunResult:
     corpus_stats: dict = field(default_factory=dict)
 
 
+def adaptive_clipping(cfg: RunConfig) -> AdaptiveClipping | None:
+    """The adaptive-clipping settings of a (resolved) user-level config, or None."""
+    p = cfg.privacy
+    if not p.adaptive_clipping:
+        return None
+    stddev = p.clipped_count_stddev if p.clipped_count_stddev is not None else cfg.federation.clients_per_round / 20
+    return AdaptiveClipping(p.target_quantile, p.clip_learning_rate, stddev)
+
+
 def resolve_privacy(cfg: RunConfig, num_clients: int) -> RunConfig:
     """Fill in delta and (by calibration) the noise multiplier; check feasibility."""
     p = cfg.privacy
@@ -109,6 +119,12 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> RunConfig:
     new = cfg.model_copy(deep=True)
     new.privacy.delta = delta
     new.privacy.noise_multiplier = z
+    if p.adaptive_clipping:
+        new.privacy.clipped_count_stddev = adaptive_clipping(new).count_stddev
+        try:
+            adaptive_clipping(new).update_noise_multiplier(z)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return new
 
 
@@ -146,6 +162,7 @@ class Simulation:
             noise_multiplier=c.privacy.noise_multiplier or 0.0,
             server_optimizer=ServerOptimizer(c.server.optimizer, c.server.lr, c.server.beta1,
                                              c.server.beta2, c.server.tau),
+            adaptive=adaptive_clipping(c),
         )
         self.local = LocalTraining(c.client.local_epochs, c.client.local_steps, c.client.batch_size,
                                    c.client.lr, c.client.optimizer)
@@ -268,7 +285,7 @@ class Simulation:
         for k, included in enumerate(plan.update_included):
             if included and draws[k] < self.algo.sampling_rate:
                 direction = update_direction(plan, k, shapes)
-                update = {name: (t * self.algo.clip_norm).to(state.params[name].dtype) for name, t in direction.items()}
+                update = {name: (t * state.clip_norm).to(state.params[name].dtype) for name, t in direction.items()}
                 yield dp_fedavg.Contribution(f"audit-canary-{k}", update, 1.0, None)
 
     def _silo_rng(self, round_index: int, silo_id: str) -> np.random.Generator:
@@ -290,7 +307,11 @@ class Simulation:
             sampling_rate=self.algo.sampling_rate, num_clients=self.algo.num_clients,
             clients_per_round=self.algo.clients_per_round, rounds_completed=rounds_completed,
             seeded_noise=p.seeded_noise, budget=p.budget if p.mode != "none" else None,
-            stopped=stopped, population=self.population, silos=[
+            stopped=stopped, population=self.population, adaptive_clipping={
+                "initial_clip_norm": p.clip_norm, "target_quantile": a.target_quantile,
+                "learning_rate": a.learning_rate, "clipped_count_stddev": a.count_stddev,
+                "update_noise_multiplier": self.algo.update_noise_multiplier,
+            } if (a := self.algo.adaptive) is not None else None, silos=[
                 {"silo": s.silo_id, "epsilon": self.silo_epsilon[s.silo_id], "records": int(s.x.size(0)),
                  "sampling_rate": s.dp.sampling_rate,
                  "noise_multiplier": s.dp.noise_multiplier, "steps_per_round": s.steps,
@@ -331,7 +352,7 @@ class Simulation:
         if hasattr(self.model, "save_adapter_config"):
             self.model.save_adapter_config(rd.path / "checkpoints")
         self._checkpoint(rd, 0, state.params)
-        rd.save_state(0, state.params, state.opt_state, len(self.ledger))
+        rd.save_state(0, state.params, state.opt_state, len(self.ledger), self._saved_clip(state))
         return state, []
 
     def _resume(self, rd: RunDir) -> tuple[dp_fedavg.ServerState, list[dict]]:
@@ -369,7 +390,10 @@ class Simulation:
         if load_plan(rd.path) != self.audit_plan:
             raise DataError(f"{rd.path / 'audit'}: the audit canaries differ from the ones this run trained "
                             "with (pass the saved plan: privlm.resume / privlm run --resume load it)")
-        done, params, opt_state, paid_entries = rd.load_state()
+        done, params, opt_state, paid_entries, clip_norm = rd.load_state()
+        if (clip_norm is not None) != (self.algo.adaptive is not None):
+            raise DataError(f"{rd.state_path}: its clip norm state does not match privacy.adaptive_clipping "
+                            "in config.toml; is config.toml the run's own?")
         if len(ledger) < paid_entries:
             raise DataError(f"{rd.privacy_path}: {len(ledger)} ledger entries, but the resume state was "
                             f"saved after {paid_entries}; refusing to under-count (stale privacy.json?)")
@@ -407,7 +431,8 @@ class Simulation:
             self.epsilon = max(self.silo_epsilon.values())
         rd.write_privacy(self.privacy_record(done))
         metrics = [m for m in rd.read_metrics() if m.get("round", 0) <= done]
-        return dp_fedavg.ServerState(params=params, opt_state=opt_state, round=done), metrics
+        return dp_fedavg.ServerState(params=params, opt_state=opt_state, round=done,
+                                     clip_norm=clip_norm if clip_norm is not None else self.algo.clip_norm), metrics
 
     def _pay_silos(self, rd: RunDir, r: int) -> tuple[list[int], str | None]:
         """Example-level mode: which silos train in round ``r``, each having paid first.
@@ -448,6 +473,9 @@ class Simulation:
         self.epsilon = max(self.silo_epsilon.values())
         rd.write_privacy(self.privacy_record(r - 1))
         return active, None
+
+    def _saved_clip(self, state: dp_fedavg.ServerState) -> float | None:
+        return state.clip_norm if self.algo.adaptive is not None else None
 
     def _checkpoint(self, rd: RunDir, round_index: int, params: dict) -> None:
         rd.save_checkpoint(round_index, to_checkpoint(self.model, params))
@@ -527,6 +555,7 @@ class Simulation:
                     "rejected": stats.rejected,
                     "dropped": self.dropped,
                     "clipped": stats.clipped,
+                    "clip_norm": stats.clip_norm,
                     "seconds": round(time.perf_counter() - t0, 4),
                 }
                 metrics.append(row)
@@ -535,7 +564,7 @@ class Simulation:
                 if r % c.output.checkpoint_every == 0 or r == c.federation.rounds:
                     self._checkpoint(rd, r, state.params)
                     fault_point("checkpoint-written", r)
-                rd.save_state(r, state.params, state.opt_state, len(self.ledger))
+                rd.save_state(r, state.params, state.opt_state, len(self.ledger), self._saved_clip(state))
                 fault_point("state-written", r)
                 rd.write_privacy(self.privacy_record(r))
                 if stop_when is not None and stop_when(row):
