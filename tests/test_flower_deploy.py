@@ -160,13 +160,21 @@ def test_ctrl_c_stops_every_process(shared_data, tmp_path):
             "--no-progress"]
     for item in [*TINY, f'data.path="{shared_data / "tinyshakespeare.txt"}"', "federation.rounds=50"]:
         args += ["--set", item]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _flower_processes(run_dir), "the federation should be up"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    # A shell without job control starts background jobs (a CI runner, say) with SIGINT ignored,
+    # and Python keeps an ignored SIGINT ignored: give the child the default, as a terminal would.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _flower_processes(run_dir), "the federation should be up"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # never leave a federation running behind a failed test
+            proc.terminate()
+            proc.wait(timeout=60)
     assert proc.returncode == 130, (out, err)
     assert "every Flower process was stopped" in err
     assert _flower_processes(run_dir) == []
