@@ -127,6 +127,10 @@ def _plot(rows: list[dict], keys: list[str], path: Path) -> None:
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xscale("log")
+    ticks = sorted({p[0] for pts in series.values() for p in pts})
+    if ticks:  # label the epsilons that were run, as plain numbers
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
+        ax.minorticks_off()
     ax.set_xlabel("user-level epsilon")
     ax.set_ylabel("held-out next-token accuracy")
     ax.legend()
