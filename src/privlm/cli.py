@@ -439,6 +439,10 @@ def _print_result(run_dir: Path) -> None:
     if record.get("epsilon") is not None:
         console.print(f"[bold green]guarantee: user-level (epsilon={record['epsilon']:.3f}, "
                       f"delta={record['delta']:.3g}) over {escape(record.get('population') or '')}[/]")
+        if record["delta"] > 1e-3:
+            console.print(f"[yellow]delta={record['delta']:.3g} is large: with {record['num_clients']} clients, "
+                          "protecting one whole client means little; use many more clients, or example-level "
+                          "DP inside each silo[/]")
     else:
         console.print("[yellow]guarantee: none (non-private run)[/]")
 
