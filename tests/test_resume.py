@@ -206,3 +206,19 @@ def test_cli_resume(tmp_path, reference):
     res = runner.invoke(app, ["run", "--resume", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert f"rounds: {ROUNDS}" in res.output
+
+
+@pytest.mark.parametrize("point", ["aggregated:3", "state-written:3"])
+def test_adaptive_clipping_run_killed_resumes_with_its_clip_norm(tmp_path, point):
+    """The adaptive C is part of the resume state: a seeded replay ends bitwise equal."""
+    cfg_path = _config(tmp_path, adaptive_clipping=True, clipped_count_stddev=2.0)
+    ref = tmp_path / "ref"
+    Simulation(load_config(cfg_path, [])).run(ref, progress=False)
+    norms = [m["clip_norm"] for m in chaos._final(ref)["metrics"]]
+    assert len(set(norms)) > 1  # C really moved
+    out = tmp_path / "run"
+    _crash(cfg_path, out, point)
+    resume(out, progress=False)
+    got, want = chaos._final(out), chaos._final(ref)
+    for key in want:
+        assert got[key] == want[key], f"{key} differs after a crash at {point}"
