@@ -60,7 +60,7 @@ def workload(data: Path, clients: int, rounds: int, steps: int) -> list[str]:
     ]
 
 
-def summary(name: str, run_dir: Path, wall: float, rounds: int) -> dict:
+def summary(name: str, run_dir: Path, wall: float) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     updates = sum(r["clients"] for r in rows)
     round_seconds = sum(r["seconds"] for r in rows)
@@ -122,28 +122,25 @@ def message_costs(cfg) -> dict:
 def compare(data: Path, tmp: Path, name: str, clients: int, rounds: int, steps: int) -> dict:
     """One workload on the three runtimes; the speed-ups of in-process over each Flower runtime."""
     overrides = workload(data, clients, rounds, steps)
+    no_silos = [o for o in overrides if not o.startswith("data.silos")]  # deploy-local splits by --clients
+    runtimes = {
+        "in-process": lambda out: Simulation(load_config(None, overrides)).run(out, progress=False),
+        "flower-simulation": lambda out: run_flower_simulation(
+            load_config(None, [*overrides, "runtime=flower-simulation"]), out, progress=False),
+        "deploy-local": lambda out: deploy_local(load_config(None, no_silos), clients, out, progress=False),
+    }
     runs: dict = {}
-    t = time.perf_counter()
-    Simulation(load_config(None, overrides)).run(tmp / name / "in-process", progress=False)
-    runs["in-process"] = summary("in-process", tmp / name / "in-process", time.perf_counter() - t, rounds)
-    print(json.dumps({"workload": name, **runs["in-process"]}), flush=True)
-    t = time.perf_counter()
-    run_flower_simulation(load_config(None, [*overrides, "runtime=flower-simulation"]),
-                          tmp / name / "flower-simulation", progress=False)
-    runs["flower-simulation"] = summary("flower-simulation", tmp / name / "flower-simulation",
-                                        time.perf_counter() - t, rounds)
-    print(json.dumps({"workload": name, **runs["flower-simulation"]}), flush=True)
-    t = time.perf_counter()
-    cfg = load_config(None, [o for o in overrides if not o.startswith("data.silos")])
-    deploy_local(cfg, clients, tmp / name / "deploy-local", progress=False)
-    runs["deploy-local"] = summary("deploy-local", tmp / name / "deploy-local", time.perf_counter() - t, rounds)
-    print(json.dumps({"workload": name, **runs["deploy-local"]}), flush=True)
+    for runtime, start in runtimes.items():
+        t = time.perf_counter()
+        start(tmp / name / runtime)
+        runs[runtime] = summary(runtime, tmp / name / runtime, time.perf_counter() - t)
+        print(json.dumps({"workload": name, **runs[runtime]}), flush=True)
+    base = runs["in-process"]
     for other in ("flower-simulation", "deploy-local"):
         r = runs[other]
         r["max_abs_param_diff_vs_in_process"] = max_param_diff(tmp / name / "in-process", tmp / name / other, rounds)
-        r["in_process_speedup_rounds"] = round(runs["in-process"]["updates_per_s_rounds"] / r["updates_per_s_rounds"], 1)
-        r["in_process_speedup_steady"] = round(runs["in-process"]["updates_per_s_steady"] / r["updates_per_s_steady"], 1)
-        r["in_process_speedup_wall"] = round(runs["in-process"]["updates_per_s_wall"] / r["updates_per_s_wall"], 1)
+        for how in ("rounds", "steady", "wall"):
+            r[f"in_process_speedup_{how}"] = round(base[f"updates_per_s_{how}"] / r[f"updates_per_s_{how}"], 1)
     return {"clients": clients, "rounds": rounds, "local_steps": steps, "overrides": overrides, "runs": runs}
 
 

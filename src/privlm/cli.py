@@ -419,30 +419,27 @@ def audit(
 
 def _print_result(run_dir: Path) -> None:
     """The closing lines of ``privlm run``, read back from a finished run directory."""
-    from privlm.rundir import open_run_dir
+    from privlm.runtime.simulation import result_from_run_dir
 
-    rd = open_run_dir(run_dir)
-    rows = rd.read_metrics()
-    evals = [r for r in rows if r.get("eval_loss") is not None]
-    record = rd.read_privacy()
-    if record.get("stopped"):
-        console.print(f"[yellow]{escape(record['stopped'])}[/]")
+    res = result_from_run_dir(run_dir)
+    if res.stopped:
+        console.print(f"[yellow]{escape(res.stopped)}[/]")
     console.print(f"run directory: [bold]{escape(str(run_dir))}[/]")
-    if evals:
-        console.print(f"rounds: {record['rounds_completed']}  held-out loss: {evals[-1]['eval_loss']:.4f}  "
-                      f"next-token accuracy: {evals[-1]['eval_accuracy']:.4f}")
-    dropped = sum(r.get("dropped", 0) for r in rows)
-    rejected = sum(r.get("rejected", 0) for r in rows)
+    if not math.isnan(res.eval_loss):
+        console.print(f"rounds: {res.rounds_completed}  held-out loss: {res.eval_loss:.4f}  "
+                      f"next-token accuracy: {res.eval_accuracy:.4f}")
+    dropped = sum(r.get("dropped", 0) for r in res.metrics)
+    rejected = sum(r.get("rejected", 0) for r in res.metrics)
     if dropped or rejected:
         console.print(f"[yellow]sampled nodes that contributed nothing: {dropped} dropped, {rejected} rejected "
                       "(the guarantee is unchanged: fixed denominator)[/]")
-    if record.get("epsilon") is not None:
-        console.print(f"[bold green]guarantee: user-level (epsilon={record['epsilon']:.3f}, "
-                      f"delta={record['delta']:.3g}) over {escape(record.get('population') or '')}[/]")
-        if record["delta"] > 1e-3:
-            console.print(f"[yellow]delta={record['delta']:.3g} is large: with {record['num_clients']} clients, "
-                          "protecting one whole client means little; use many more clients, or example-level "
-                          "DP inside each silo[/]")
+    if res.epsilon is not None:
+        console.print(f"[bold green]guarantee: user-level (epsilon={res.epsilon:.3f}, "
+                      f"delta={res.delta:.3g}) over {escape(res.population)}[/]")
+        if res.delta > 1e-3:
+            console.print(f"[yellow]delta={res.delta:.3g} is large: with {res.corpus_stats['num_clients']} "
+                          "clients, protecting one whole client means little; use many more clients, or "
+                          "example-level DP inside each silo[/]")
     else:
         console.print("[yellow]guarantee: none (non-private run)[/]")
 

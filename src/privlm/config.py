@@ -375,8 +375,20 @@ def _load(path: Path | None, overrides: list[str]) -> RunConfig:
     if path is not None:
         source = str(path)
         data = _read_toml(Path(path))
-    data = apply_overrides(data, overrides)
+    return _validate(apply_overrides(data, overrides), source)
+
+
+def _validate(data: dict, source: str) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(e, source)) from None
+
+
+def config_from_toml(text: str, source: str = "config") -> RunConfig:
+    """A config from TOML text (e.g. the one a Flower server sends its nodes); errors as load_config's."""
+    try:
+        data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{source}: invalid TOML: {_toml_problem(e)}") from None
+    return _validate(data, source)

@@ -80,6 +80,7 @@ class RunResult:
     stopped: str | None = None
     metrics: list[dict] = field(default_factory=list)
     corpus_stats: dict = field(default_factory=dict)
+    population: str = ""  # who the N of the guarantee is
 
 
 def adaptive_clipping(cfg: RunConfig) -> AdaptiveClipping | None:
@@ -119,10 +120,10 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> RunConfig:
     new = cfg.model_copy(deep=True)
     new.privacy.delta = delta
     new.privacy.noise_multiplier = z
-    if p.adaptive_clipping:
-        new.privacy.clipped_count_stddev = adaptive_clipping(new).count_stddev
+    if (adaptive := adaptive_clipping(new)) is not None:
+        new.privacy.clipped_count_stddev = adaptive.count_stddev
         try:
-            adaptive_clipping(new).update_noise_multiplier(z)
+            adaptive.update_noise_multiplier(z)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return new
@@ -589,7 +590,7 @@ class Simulation:
         return RunResult(
             run_dir=rd.path, rounds_completed=completed, epsilon=record["epsilon"],
             delta=record["delta"], eval_loss=eval_loss, eval_accuracy=eval_acc,
-            stopped=stopped, metrics=metrics, corpus_stats=self.corpus.stats(),
+            stopped=stopped, metrics=metrics, corpus_stats=self.corpus.stats(), population=self.population,
         )
 
 
@@ -631,7 +632,7 @@ def result_from_run_dir(path: Path) -> RunResult:
         run_dir=rd.path, rounds_completed=record["rounds_completed"], epsilon=record["epsilon"],
         delta=record["delta"], eval_loss=evals[-1]["eval_loss"] if evals else float("nan"),
         eval_accuracy=evals[-1]["eval_accuracy"] if evals else float("nan"), stopped=record.get("stopped"),
-        metrics=rows, corpus_stats={"num_clients": record["num_clients"]},
+        metrics=rows, corpus_stats={"num_clients": record["num_clients"]}, population=record.get("population", ""),
     )
 
 

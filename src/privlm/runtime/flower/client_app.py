@@ -31,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 import privlm.data as _data
-from privlm.config import RunConfig
+from privlm.config import RunConfig, config_from_toml
 from privlm.data.corpus import ClientData, FederatedCorpus, merge_clients, silo_members
 from privlm.data.scrub import scrub_corpus, settings_for_run
 from privlm.errors import ConfigError
@@ -96,9 +96,8 @@ def _corpus(source: str, path, num_clients, seed: int):
 def query(msg: Message, context: Context) -> Message:
     """Start-up: load, scrub and tokenise this node's data; say who we are."""
     config_text = codec.content_record(msg, codec.CONFIG)["config"]
-    cfg = RunConfig.model_validate(_toml(config_text))
+    cfg, _, tok = _setup(config_text)
     client, order, counts = load_own_data(cfg, dict(context.node_config))
-    _, tok = build_model(cfg)
     train, test = tok.encode(client.train), tok.encode(client.test)
     context.state[STATE] = ConfigRecord({"config": config_text, "client_id": client.client_id})
     context.state[STATE + ":tokens"] = ArrayRecord({"train": Array(train.numpy()), "test": Array(test.numpy())})
@@ -109,14 +108,25 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({codec.CONFIG: ConfigRecord(info)}), reply_to=msg)
 
 
+@functools.lru_cache(maxsize=1)
+def _setup(config_text: str) -> tuple[RunConfig, torch.nn.Module, object]:
+    """The run's config, model and tokenizer, built once per process for a run.
+
+    Safe to share between messages (and between the virtual nodes one Ray actor
+    serves): local training and evaluation set every trainable parameter from
+    the message before they use the model.
+    """
+    cfg = config_from_toml(config_text, "the run config the server sent")
+    model, tok = build_model(cfg)
+    return cfg, model, tok
+
+
 def _restore(context: Context) -> tuple[RunConfig, str, torch.nn.Module, dict[str, torch.Tensor]]:
     if STATE not in context.state:
         raise RuntimeError("this node has not loaded its data (no start-up query in this run)")
     saved = context.state[STATE]
-    cfg = RunConfig.model_validate(_toml(saved["config"]))
+    cfg, model, _ = _setup(saved["config"])
     tokens = {k: torch.from_numpy(v.numpy()) for k, v in context.state[STATE + ":tokens"].items()}
-    torch.manual_seed(cfg.seed)
-    model, _ = build_model(cfg)
     return cfg, str(saved["client_id"]), model, tokens
 
 
@@ -148,12 +158,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     loss_sum, correct, count = evaluate_sums(model, params, test, cfg.eval.batch_size)
     return Message(RecordDict({codec.METRICS: MetricRecord(
         {"loss_sum": loss_sum, "correct": correct, "count": count})}), reply_to=msg)
-
-
-def _toml(text: str) -> dict:
-    import tomllib
-
-    return tomllib.loads(text)
 
 
 __all__ = ["app", "load_own_data"]

@@ -158,9 +158,7 @@ class Federation:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "{HOST}:{self.port}"\n{security}\n')
         extra = ["--simulation"] if self.simulation else []
-        if self.node_auth:
-            if self.certs is None:
-                raise ConfigError("node authentication needs TLS (--tls or --certificates)")
+        if self.node_auth:  # deploy_local has checked that TLS is on
             extra.append("--enable-supernode-auth")
         self._spawn("superlink", [_executable("flower-superlink"), *self._tls_args(False), *extra,
                                   "--disable-runtime-dependency-installation", "--host", HOST,
@@ -244,10 +242,8 @@ class Federation:
         deadline = time.monotonic() + grace
         sig = signal.SIGTERM
         while True:
-            for proc in self.procs.values():
-                known |= {proc.pid, *_descendants(proc.pid)}
-            for pid in list(known):
-                known |= _descendants(pid)
+            known |= {proc.pid for proc in self.procs.values()}
+            known |= _descendants(known)
             alive = {p for p in known if _alive(p)}
             if not alive:
                 break
@@ -271,8 +267,8 @@ class Federation:
                 pass
 
 
-def _descendants(pid: int) -> set[int]:
-    """All processes below ``pid`` (from /proc; Linux)."""
+def _descendants(roots: set[int]) -> set[int]:
+    """All processes below any of ``roots`` (one pass over /proc; Linux)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -283,7 +279,7 @@ def _descendants(pid: int) -> set[int]:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
+    found, todo = set(), list(roots)
     while todo:
         for child in children.get(todo.pop(), []):
             if child not in found:

@@ -27,14 +27,6 @@ from privlm.runtime.flower.deploy import Federation, prepare_run_dir, run_federa
 log = logging.getLogger(__name__)
 
 
-def population_size(cfg: RunConfig) -> int:
-    """How many virtual SuperNodes the run needs: its clients (or silos)."""
-    if cfg.data.silos is not None:
-        return cfg.data.silos
-    corpus = _data.load_corpus(cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed)
-    return corpus.num_clients
-
-
 def run_flower_simulation(cfg: RunConfig, out: Path | None = None, progress: bool = True,
                           run_timeout: float = 24 * 3600.0) -> Path:
     """Run ``cfg`` on Flower's simulation engine; returns the run directory."""
@@ -42,11 +34,13 @@ def run_flower_simulation(cfg: RunConfig, out: Path | None = None, progress: boo
         import ray  # noqa: F401
     except ImportError:
         raise ConfigError('runtime: "flower-simulation" needs Ray: pip install "flwr[simulation]==1.42.0"') from None
-    nodes = population_size(cfg)
-    if cfg.data.silos is not None:  # fail here, not in every node, if the data cannot be split
+    # One virtual SuperNode per client of the data, or per silo. Splitting here too means bad
+    # data or an impossible split fails once, not in every node.
+    corpus = _data.load_corpus(cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed)
+    nodes = corpus.num_clients
+    if cfg.data.silos is not None:
         try:
-            silo_members(_data.load_corpus(cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed),
-                         cfg.data.silos)
+            nodes = len(silo_members(corpus, cfg.data.silos))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     rd, root = prepare_run_dir(cfg, out)

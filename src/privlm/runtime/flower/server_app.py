@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,10 +60,10 @@ class FlowerServer(Simulation):
     # -- the population: ask every registered node who it is ------------------
     def _prepare_corpus(self, cfg, corpus, progress, audit_plan):
         nodes = self._wait_for_nodes(cfg.flower.node_wait)
-        replies = self._exchange(nodes, "query", lambda _: RecordDict(
-            {codec.CONFIG: ConfigRecord({"config": self.config_text})}), cfg.flower.node_wait)
+        replies = self._exchange(nodes, "query", RecordDict({codec.CONFIG: ConfigRecord({"config": self.config_text})}),
+                                 cfg.flower.node_wait)
         members: list[tuple[int, str, int]] = []
-        scrub_counts: dict[str, int] = {}
+        scrub_counts: Counter[str] = Counter()
         for node, reply in replies.items():
             if reply is None or reply.has_error():
                 why = reply.error.reason if reply is not None else "no answer"
@@ -72,9 +73,8 @@ class FlowerServer(Simulation):
                 raise DataError(f"node {node}: its answer to the start-up query names no client_id")
             order = info.get("partition_id", -1)
             members.append((order if isinstance(order, int) else -1, info["client_id"], node))
-            for k, v in info.items():
-                if k.startswith("scrubbed:") and isinstance(v, int):
-                    scrub_counts[k.removeprefix("scrubbed:")] = scrub_counts.get(k.removeprefix("scrubbed:"), 0) + v
+            scrub_counts.update({k.removeprefix("scrubbed:"): v for k, v in info.items()
+                                 if k.startswith("scrubbed:") and isinstance(v, int)})
         members.sort()
         ids = [m[1] for m in members]
         if len(set(ids)) != len(ids):
@@ -83,7 +83,7 @@ class FlowerServer(Simulation):
         self.node_ids = [m[2] for m in members]
         log.info("population: %d nodes: %s", len(ids), ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else ""))
         population = FederatedCorpus(f"{len(ids)} Flower nodes", tuple(ClientData(i, "", "") for i in ids), {})
-        return population, (scrub_counts if settings_enabled(cfg) else None), None
+        return population, (dict(scrub_counts) if cfg.data.scrub_enabled else None), None
 
     def _wait_for_nodes(self, seconds: float) -> list[int]:
         deadline = time.monotonic() + seconds
@@ -100,9 +100,9 @@ class FlowerServer(Simulation):
             time.sleep(0.2)
 
     # -- messaging --------------------------------------------------------------
-    def _push(self, nodes: list[int], kind: str, content, group: str) -> dict[str, int]:
-        messages = [Message(content=content(n), dst_node_id=n, message_type=kind, group_id=group)
-                    for n in nodes]
+    def _push(self, nodes: list[int], kind: str, content: RecordDict, group: str) -> dict[str, int]:
+        """The same content to each of ``nodes`` (as Flower's own strategies send it); message id -> node."""
+        messages = [Message(content=content, dst_node_id=n, message_type=kind, group_id=group) for n in nodes]
         return dict(zip(self.grid.push_messages(messages), nodes))
 
     def _replies(self, pending: dict[str, int], timeout: float) -> Iterator[tuple[int, Message]]:
@@ -118,7 +118,8 @@ class FlowerServer(Simulation):
             if not got:
                 time.sleep(POLL_SECONDS)
 
-    def _exchange(self, nodes: list[int], kind: str, content, timeout: float) -> dict[int, Message | None]:
+    def _exchange(self, nodes: list[int], kind: str, content: RecordDict, timeout: float
+                  ) -> dict[int, Message | None]:
         pending = self._push(nodes, kind, content, kind)
         answers: dict[int, Message | None] = {n: None for n in nodes}
         for node, reply in self._replies(pending, timeout):
@@ -131,12 +132,10 @@ class FlowerServer(Simulation):
         """Send the global parameters to the sampled nodes; yield their updates as they arrive."""
         if not ids:
             return
-        params = codec.to_record(state.params)
         round_index = state.round + 1
-        pending = self._push([self.node_ids[i] for i in ids], "train",
-                             lambda _: RecordDict({codec.PARAMS: params,
-                                                   codec.CONFIG: ConfigRecord({"round": round_index})}),
-                             str(round_index))
+        content = RecordDict({codec.PARAMS: codec.to_record(state.params),
+                              codec.CONFIG: ConfigRecord({"round": round_index})})
+        pending = self._push([self.node_ids[i] for i in ids], "train", content, str(round_index))
         client_of = {self.node_ids[i]: self.corpus.clients[i].client_id for i in ids}
         for node, reply in self._replies(pending, self.cfg.flower.round_timeout):
             cid = client_of[node]
@@ -158,9 +157,8 @@ class FlowerServer(Simulation):
 
     def evaluate(self, params) -> tuple[float, float]:
         """Federated evaluation: each node scores its own held-out text; sums are pooled."""
-        record = codec.to_record(params)
-        answers = self._exchange([self.node_ids[i] for i in self.eval_clients], "evaluate", lambda _: RecordDict(
-            {codec.PARAMS: record}), self.cfg.flower.round_timeout)
+        answers = self._exchange([self.node_ids[i] for i in self.eval_clients], "evaluate",
+                                 RecordDict({codec.PARAMS: codec.to_record(params)}), self.cfg.flower.round_timeout)
         loss_sum = correct = count = 0.0
         for node, reply in answers.items():
             m = codec.content_record(reply, codec.METRICS) if reply is not None and not reply.has_error() else None
@@ -172,10 +170,6 @@ class FlowerServer(Simulation):
         if count == 0:
             return math.nan, math.nan
         return loss_sum / count, correct / count
-
-
-def settings_enabled(cfg: RunConfig) -> bool:
-    return cfg.data.scrub_enabled
 
 
 def _number(record: object, key: str) -> float | None:
