@@ -1,4 +1,5 @@
-"""Non-private FedAvg on Shakespeare (by play and role): rounds to 54% next-character accuracy.
+"""FedAvg on Shakespeare (by play and role): rounds to 54% next-character accuracy, or one
+point of the privacy-utility curve.
 
 McMahan et al. 2017 ("Communication-Efficient Learning of Deep Networks from Decentralized
 Data"), Shakespeare LSTM, FedAvg: 54% test accuracy in 41 rounds at their best setting
@@ -6,6 +7,11 @@ Data"), Shakespeare LSTM, FedAvg: 54% test accuracy in 41 rounds at their best s
 accuracy on every client's last 20% of lines, evaluated every --eval-every rounds.
 
     python benchmarks/fedavg_shakespeare.py --data ../shared/data/shakespeare --out benchmarks/out
+
+Any config key can be changed with --set (e.g. ``--set device=cuda``, ``--set
+privacy.mode=user --set privacy.target_epsilon=8`` for a point of the privacy-utility
+curve, ``--target 2`` to run all --max-rounds). The JSON result (``--out/NAME.json``) is
+rewritten after every evaluation, so a run cut short still leaves its figures.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="directory of the 37 plays")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    ap.add_argument("--name", default="fedavg_shakespeare", help="result file NAME.json under --out")
     ap.add_argument("--target", type=float, default=0.54)
     ap.add_argument("--max-rounds", type=int, default=300)
     ap.add_argument("--max-minutes", type=float, default=60.0)
     ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--keep-run", action="store_true", help="keep the run directory (checkpoints)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
@@ -38,44 +46,67 @@ def main() -> None:
         f"eval.every={args.eval_every}", "output.checkpoint_every=1000", *args.overrides,
     ])
     cfg.eval.max_clients = None  # evaluate on every client's held-out lines
+    t_setup = time.time()
     sim = Simulation(cfg)
     stats = sim.corpus.stats()
-    print(f"shakespeare: {stats['num_clients']} clients, {stats['train_chars']:,} train chars; "
-          f"model {sim.model.num_params():,} params")
+    print(f"[{args.name}] shakespeare: {stats['num_clients']} clients, {stats['train_chars']:,} train chars; "
+          f"model {sim.model.num_params():,} params on {sim.device}; z = {sim.cfg.privacy.noise_multiplier}",
+          flush=True)
     t0 = time.time()
     deadline = t0 + args.max_minutes * 60
-    reached = {}
+    reached: dict = {}
+    evals: list[dict] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write(rounds_run: int, final: bool) -> dict:
+        result = {
+            "benchmark": "shakespeare_fedavg", "name": args.name, "final": final,
+            "device": str(sim.device), "clients": stats["num_clients"], "train_chars": stats["train_chars"],
+            "clients_per_round": cfg.federation.clients_per_round, "params": sim.model.num_params(),
+            "privacy_mode": sim.cfg.privacy.mode, "target_epsilon": sim.cfg.privacy.target_epsilon,
+            "noise_multiplier": sim.cfg.privacy.noise_multiplier, "delta": sim.cfg.privacy.delta,
+            "adaptive_clipping": sim.cfg.privacy.adaptive_clipping,
+            "pseudo_users": sim.cfg.data.pseudo_users,
+            "config": json.loads(sim.cfg.model_dump_json()),
+            "overrides": args.overrides,
+            "target_accuracy": args.target,
+            "rounds_to_target": reached.get("round"),
+            "seconds_to_target": reached.get("seconds"),
+            "rounds_planned": cfg.federation.rounds,
+            "rounds_run": rounds_run,
+            "best_accuracy": max(e["eval_accuracy"] for e in evals) if evals else None,
+            "final_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+            "evals": evals,
+            "mcmahan_2017_rounds": 41,
+            "setup_seconds": t0 - t_setup,
+            "wall_seconds": time.time() - t0,
+        }
+        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+        return result
 
     def stop(row: dict) -> bool:
         acc = row.get("eval_accuracy")
         if acc is not None:
-            print(f"round {row['round']}: eval acc {acc:.4f} loss {row['eval_loss']:.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+            evals.append({"round": row["round"], "eval_accuracy": acc, "eval_loss": row["eval_loss"],
+                          "epsilon": row["epsilon"], "clip_norm": row.get("clip_norm"),
+                          "seconds": round(time.time() - t0, 1)})
+            print(f"[{args.name}] round {row['round']}: eval acc {acc:.4f} loss {row['eval_loss']:.4f} "
+                  f"eps {row['epsilon']} ({time.time() - t0:.0f}s)", flush=True)
             if acc >= args.target and not reached:
                 reached.update(round=row["round"], accuracy=acc, seconds=time.time() - t0)
+            write(row["round"], final=False)
+            if reached:
                 return True
         return time.time() > deadline
 
-    out_dir = args.out / f"shakespeare-fedavg-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = args.out / f"run-{args.name}"
     res = sim.run(out_dir, progress=False, stop_when=stop)
-    evals = [(m["round"], m["eval_accuracy"]) for m in res.metrics if m["eval_accuracy"] is not None]
-    result = {
-        "benchmark": "shakespeare_fedavg_nonprivate",
-        "clients": stats["num_clients"], "train_chars": stats["train_chars"],
-        "clients_per_round": cfg.federation.clients_per_round, "params": sim.model.num_params(),
-        "config": json.loads(cfg.model_dump_json()),
-        "target_accuracy": args.target,
-        "rounds_to_target": reached.get("round"),
-        "seconds_to_target": reached.get("seconds"),
-        "rounds_run": res.rounds_completed,
-        "best_accuracy": max(a for _, a in evals) if evals else None,
-        "accuracy_by_round": evals,
-        "mcmahan_2017_rounds": 41,
-        "wall_seconds": time.time() - t0,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fedavg_shakespeare.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("config", "accuracy_by_round")}, indent=2))
+    result = write(res.rounds_completed, final=True)
+    if not args.keep_run:
+        import shutil
+
+        shutil.rmtree(out_dir, ignore_errors=True)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("config", "evals", "overrides")}, indent=2))
 
 
 if __name__ == "__main__":

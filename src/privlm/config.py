@@ -94,9 +94,18 @@ class DataConfig(_Section):
     # Merge clients into this many silos (clients sharing the id prefix before "/" — a play —
     # stay together); for cross-silo runs such as privacy.mode = "example".
     silos: int | None = _count(None)
+    # Cut each client's lines into this many pseudo-users (user-level DP then protects a
+    # pseudo-user, not a whole client: say so to whoever relies on the guarantee).
+    pseudo_users: int | None = _count(None)
     # privacy.mode = "example": what one protected record is — a line, or a blank-line-separated paragraph
     records: Literal["lines", "paragraphs"] = "lines"
     scrub: ScrubConfig = Field(default_factory=ScrubConfig)
+
+    @model_validator(mode="after")
+    def _one_regrouping(self) -> DataConfig:
+        if self.silos is not None and self.pseudo_users is not None:
+            raise ValueError("set data.silos or data.pseudo_users, not both")
+        return self
 
     @property
     def scrub_enabled(self) -> bool:
@@ -261,6 +270,9 @@ class RunConfig(_Section):
     # run on Flower's simulation engine (Ray), one ClientApp per client.
     runtime: Literal["simulation", "flower-simulation"] = "simulation"
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
+    # Where local training and evaluation run: "cpu", "cuda", "cuda:N", or "auto" (cuda when
+    # available). The server's state, clipping, noise and accounting stay in host memory.
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$")
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))

@@ -70,6 +70,29 @@ def group_into_silos(corpus: FederatedCorpus, silos: int) -> FederatedCorpus:
                            {**corpus.info, "silo_members": [len(ms) for ms in members]})
 
 
+def split_into_pseudo_users(corpus: FederatedCorpus, parts: int) -> FederatedCorpus:
+    """Each client's lines cut into ``parts`` contiguous pseudo-users ``<id>#0`` ... ``<id>#{parts-1}``.
+
+    Training lines and held-out lines are each cut into ``parts`` runs of
+    consecutive lines; pseudo-user j gets run j of both. A client with fewer
+    training lines than ``parts`` yields fewer pseudo-users (no empty ones). This
+    changes the unit of protection: user-level DP then protects one pseudo-user,
+    and a real client spread over k of them is protected only as a group of k.
+    """
+    def runs(lines: list[str], k: int) -> list[list[str]]:
+        return [lines[len(lines) * j // k: len(lines) * (j + 1) // k] for j in range(k)]
+
+    out = []
+    for c in corpus.clients:
+        train = c.train.split("\n")
+        k = min(parts, len(train))
+        for j, (tr, te) in enumerate(zip(runs(train, k), runs(c.test.split("\n") if c.test else [], k))):
+            out.append(ClientData(f"{c.client_id}#{j}", "\n".join(tr), "\n".join(te)))
+    return FederatedCorpus(f"{corpus.name}, {parts} pseudo-users per client", tuple(out),
+                           {**corpus.info, "pseudo_users_per_client": parts,
+                            "real_clients": corpus.num_clients})
+
+
 def split_into_records(text: str, unit: str) -> list[str]:
     """The records (the unit example-level DP protects) of one client's text."""
     parts = text.split("\n\n") if unit == "paragraphs" else text.split("\n")

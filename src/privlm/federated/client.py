@@ -35,8 +35,22 @@ class ClientResult:
 
 
 def get_params(model: nn.Module) -> Params:
-    """Detached copies of the trainable parameters, by name (shared weights once)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Detached CPU copies of the trainable parameters, by name (shared weights once).
+
+    The server's state always lives in host memory, whatever device trains: clipping,
+    noise and the ledger never depend on where a client's arithmetic ran.
+    """
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def model_update(model: nn.Module, global_params: Params) -> Params:
+    """``local - global`` for every trained tensor, in host memory like ``global_params``."""
+    return {n: p.detach().to(global_params[n].device) - global_params[n]
+            for n, p in model.named_parameters() if n in global_params}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -89,29 +103,32 @@ def local_train(
     """Train ``model`` from ``global_params`` on ``tokens``; return the update."""
     set_params(model, global_params)
     model.train()
+    device = model_device(model)
     x, y = make_windows(tokens, model.cfg.block_size)
     num_tokens = int((y >= 0).sum())
+    x, y = x.to(device), y.to(device)
     opt = make_optimizer(model, cfg)
 
     def batches():
-        while True:  # epochs of shuffled windows
-            order = torch.randperm(x.size(0), generator=generator)
+        while True:  # epochs of shuffled windows (the order drawn on the host generator)
+            order = torch.randperm(x.size(0), generator=generator).to(device)
             for i in range(0, x.size(0), cfg.batch_size):
                 idx = order[i : i + cfg.batch_size]
                 yield x[idx], y[idx]
 
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * -(-x.size(0) // cfg.batch_size)
-    loss_sum, steps = 0.0, 0
+    losses, steps = [], 0
     if num_tokens > 0:
         for (bx, by), _ in zip(batches(), range(total_steps)):
             loss = lm_loss(model, bx, by)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.item()
+            losses.append(loss.detach())  # summed once at the end: no device sync per step
             steps += 1
-    update = {n: p.detach() - global_params[n] for n, p in model.named_parameters() if n in global_params}
-    return ClientResult(update=update, num_tokens=num_tokens, loss_sum=loss_sum, steps=steps)
+    loss_sum = float(torch.stack(losses).double().sum()) if losses else 0.0
+    return ClientResult(update=model_update(model, global_params), num_tokens=num_tokens,
+                        loss_sum=loss_sum, steps=steps)
 
 
 @torch.no_grad()
@@ -129,9 +146,10 @@ def evaluate_sums(
     if not xs:
         return 0.0, 0, 0
     x, y = torch.cat(xs), torch.cat(ys)
+    device = model_device(model)
     loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, x.size(0), batch_size):
-        bx, by = x[i : i + batch_size], y[i : i + batch_size]
+        bx, by = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         logits = model(bx)
         mask = by >= 0
         loss_sum += float(

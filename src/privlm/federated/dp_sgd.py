@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from privlm.federated.client import ClientResult, LocalTraining, make_optimizer, set_params
+from privlm.federated.client import ClientResult, LocalTraining, make_optimizer, model_update, set_params
 
 Params = dict[str, torch.Tensor]
 GradSampleMode = Literal["hooks", "functorch", "ghost"]
@@ -168,6 +168,7 @@ def dp_sgd_train(
     set_params(model, global_params)
     model.train()
     n = x.size(0)
+    device = next(model.parameters()).device
     with _per_sample_grads(model, dp.grad_sample_mode, dp.clip_norm) as gsm:
         # The step's noised sum is divided by the configured batch size, a public constant
         # (not q*n, which would depend on the silo's data size).
@@ -178,7 +179,7 @@ def dp_sgd_train(
             opt.zero_grad(set_to_none=True)
             idx = torch.from_numpy(np.flatnonzero(sampling.random(n) < dp.sampling_rate))
             if idx.numel():
-                loss_sum += _clipped_backward(gsm, opt, x[idx], y[idx], dp.grad_sample_mode)
+                loss_sum += _clipped_backward(gsm, opt, x[idx].to(device), y[idx].to(device), dp.grad_sample_mode)
                 nonempty += 1
             else:  # an empty Poisson batch is still a step: the sum is zero, the noise is not
                 for p in opt.params:
@@ -187,7 +188,7 @@ def dp_sgd_train(
                     else:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             opt.step()
-    update = {k: p.detach() - global_params[k] for k, p in model.named_parameters() if k in global_params}
+    update = model_update(model, global_params)
     num = int((y >= 0).sum())
     return ClientResult(update=update, num_tokens=num, loss_sum=loss_sum, steps=nonempty or 1), steps
 

@@ -26,6 +26,7 @@ def guarantee_record(
     silos: list[dict] | None = None,
     population: str | None = None,
     adaptive_clipping: dict | None = None,
+    pseudo_users: int | None = None,
 ) -> dict:
     """The content of ``privacy.json``.
 
@@ -65,6 +66,11 @@ def guarantee_record(
             f"C={clip_norm}, Gaussian noise of std {noise_multiplier:.4g}*C on the sum, "
             f"{len(ledger)} rounds, {accountant.upper()} accounting."
         )
+        if pseudo_users:
+            words += (f" The protected unit is a PSEUDO-USER: each real client's lines were cut into "
+                      f"{pseudo_users} parts that take part independently, so one real client is "
+                      f"protected only by group privacy over up to {pseudo_users} such units "
+                      f"(a much weaker guarantee than the epsilon above).")
         if adaptive_clipping:
             a = adaptive_clipping
             words += (f" With adaptive clipping (Andrew et al. 2021): C starts at {a['initial_clip_norm']:g} and "
@@ -84,7 +90,8 @@ def guarantee_record(
             words += " WARNING: noise was seeded (test mode); this guarantee does NOT hold."
     return {
         "mode": mode,
-        "unit": {"user": "user", "example": "record"}.get(mode),
+        "unit": "pseudo-user" if (mode == "user" and pseudo_users) else {"user": "user", "example": "record"}.get(mode),
+        "pseudo_users_per_client": pseudo_users,
         "epsilon": eps if math.isfinite(eps) else None,
         "delta": delta if mode != "none" else None,
         "accountant": accountant,

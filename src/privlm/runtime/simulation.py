@@ -33,13 +33,14 @@ from privlm.data.corpus import FederatedCorpus
 from privlm.errors import ConfigError, DataError
 from privlm.federated import dp_fedavg
 from privlm.federated.dp_fedavg import AdaptiveClipping
-from privlm.data.corpus import group_into_silos, split_into_records
+from privlm.data.corpus import group_into_silos, split_into_pseudo_users, split_into_records
 from privlm.data.scrub import scrub_corpus, settings_for_run
 from privlm.audit import AuditPlan, apply_plan, draw_plan, load_plan, save_plan, update_direction
 from privlm.federated.client import LocalTraining, evaluate, get_params, local_train
 from privlm.federated.dp_sgd import ExampleDP, dp_sgd_train, record_windows, silo_round_event, steps_per_round
 from privlm.federated.server_opt import ServerOptimizer
-from privlm.runtime.training import build_model, client_generator, derived_seed, from_checkpoint, to_checkpoint
+from privlm.runtime.training import (build_model, client_generator, derived_seed, from_checkpoint,
+                                     resolve_device, to_checkpoint)
 from privlm.privacy.accountant import (
     calibrate_noise_multiplier,
     default_delta,
@@ -147,6 +148,8 @@ class Simulation:
         c = self.cfg
         torch.manual_seed(c.seed)
         self.model, tok = build_model(c)
+        self.device = resolve_device(c)  # local training and evaluation; server state stays on the host
+        self.model.to(self.device)
         self.tokenizer = tok
         self.train_tokens = [tok.encode(cl.train) for cl in self.corpus.clients]
         rng = np.random.default_rng([c.seed, 0, 2])
@@ -177,6 +180,11 @@ class Simulation:
         self.silo_epsilon: dict[str, float] = {s.silo_id: 0.0 for s in self.silos.values()}
         self.silo_stopped: dict[str, str] = {}
         self.population = f"the {self.corpus.num_clients} clients of the data (in-process simulation)"
+        if c.data.pseudo_users is not None:
+            self.population = (f"the {self.corpus.num_clients} pseudo-users made by cutting each of the "
+                               f"{self.corpus.info['real_clients']} clients' lines into {c.data.pseudo_users} "
+                               "parts (in-process simulation); the guarantee protects one pseudo-user, and "
+                               f"a real client only as a group of up to {c.data.pseudo_users}")
 
     def _prepare_corpus(self, cfg: RunConfig, corpus: FederatedCorpus | None, progress: bool,
                         audit_plan: AuditPlan | None) -> tuple[FederatedCorpus, dict[str, int] | None, AuditPlan | None]:
@@ -205,6 +213,8 @@ class Simulation:
                 corpus = group_into_silos(corpus, cfg.data.silos)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        if cfg.data.pseudo_users is not None:
+            corpus = split_into_pseudo_users(corpus, cfg.data.pseudo_users)
         return corpus, scrub_counts, audit_plan
 
     def _plan_silos(self) -> dict[int, SiloPlan]:
@@ -308,7 +318,8 @@ class Simulation:
             sampling_rate=self.algo.sampling_rate, num_clients=self.algo.num_clients,
             clients_per_round=self.algo.clients_per_round, rounds_completed=rounds_completed,
             seeded_noise=p.seeded_noise, budget=p.budget if p.mode != "none" else None,
-            stopped=stopped, population=self.population, adaptive_clipping={
+            stopped=stopped, population=self.population, pseudo_users=self.cfg.data.pseudo_users,
+            adaptive_clipping={
                 "initial_clip_norm": p.clip_norm, "target_quantile": a.target_quantile,
                 "learning_rate": a.learning_rate, "clipped_count_stddev": a.count_stddev,
                 "update_noise_multiplier": self.algo.update_noise_multiplier,

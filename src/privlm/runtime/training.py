@@ -13,6 +13,7 @@ import secrets
 import torch
 
 from privlm.config import RunConfig
+from privlm.errors import ConfigError
 from privlm.models import GPT, BPETokenizer, ByteTokenizer, GPTConfig, Tokenizer
 
 
@@ -27,6 +28,20 @@ def build_model(cfg: RunConfig) -> tuple[torch.nn.Module, Tokenizer]:
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
                           n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout))
     return model, tok
+
+
+def resolve_device(cfg: RunConfig) -> torch.device:
+    """The torch device named by ``cfg.device``; an unavailable GPU is an error, not a fallback."""
+    name = cfg.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= count:
+            raise ConfigError(f"device: {name!r} is not available here ({count} CUDA device(s) visible); "
+                              "use device = \"cpu\" or \"auto\"")
+    return torch.device(name)
 
 
 def to_checkpoint(model: torch.nn.Module, params: dict) -> dict:

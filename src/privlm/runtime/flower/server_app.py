@@ -49,6 +49,9 @@ class FlowerServer(Simulation):
         if cfg.audit.canaries or cfg.audit.update_canaries:
             raise ConfigError("audit: canaries are planted by the in-process simulation only; "
                               "set audit.canaries = 0 and audit.update_canaries = 0 for Flower runs")
+        if cfg.data.pseudo_users is not None:
+            raise ConfigError("data.pseudo_users: a Flower node is one data owner; pseudo-users are "
+                              "for in-process simulations only")
         self.grid = grid
         self.num_nodes = num_nodes
         self.config_text = cfg.to_toml()
