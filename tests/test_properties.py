@@ -56,9 +56,9 @@ def _assert_one_line(message: str) -> None:
 SECTIONS: dict[str, tuple[str, ...]] = {
     name: tuple(field.annotation.model_fields)  # type: ignore[union-attr]
     for name, field in RunConfig.model_fields.items()
-    if name not in ("seed", "runtime")
+    if name not in ("seed", "runtime", "device")
 }
-KNOWN_PATHS = [("seed",), ("runtime",)] + [(s, k) for s, keys in SECTIONS.items() for k in keys]
+KNOWN_PATHS = [("seed",), ("runtime",), ("device",)] + [(s, k) for s, keys in SECTIONS.items() for k in keys]
 
 # Values a key might plausibly be given, good ones included so that valid configs come up too.
 GOOD = {
@@ -98,6 +98,8 @@ GOOD = {
     "output.dir": ["runs/x", "/tmp/out"],
     "output.checkpoint_every": [1, 10],
     "runtime": ["simulation", "flower-simulation"],
+    "device": ["cpu", "auto", "cuda:1"],
+    "data.pseudo_users": [1, 4],
     "flower.round_timeout": [1.0, 300.0],
     "flower.node_wait": [0.5, 120.0],
     "flower.ray_address": ["", "auto", "ray://10.0.0.1:10001"],
