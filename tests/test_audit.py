@@ -66,6 +66,18 @@ def test_draw_and_apply_plan():
     assert plan.text("1234") == "code 1 2 3 4 end" and plan.prefix == "code "
 
 
+def test_canary_copies_are_scattered_not_stacked():
+    """Stacked copies would let a model copy the secret from the line above instead of memorising it."""
+    text = "\n".join(f"note line {i}" for i in range(30))
+    out = audit.scatter_lines(text, ["SECRET"] * 10, "patient-7")
+    lines = out.split("\n")
+    assert [x for x in lines if x != "SECRET"] == text.split("\n")  # the client's text, in order
+    assert lines.count("SECRET") == 10
+    assert not any(a == b == "SECRET" for a, b in zip(lines, lines[1:]))  # a client line between copies
+    assert out == audit.scatter_lines(text, ["SECRET"] * 10, "patient-7")  # resume rebuilds the same corpus
+    assert out != audit.scatter_lines(text, ["SECRET"] * 10, "patient-8")
+
+
 def test_audit_config_errors():
     with pytest.raises(ConfigError, match=r"audit\.canary_format: must be one line with \{secret\}"):
         load_config(None, ['audit.canary_format="no secret here"'])

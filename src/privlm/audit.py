@@ -27,6 +27,7 @@ planted secrets and who holds them) and is written with owner-only permissions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -107,8 +108,34 @@ def update_direction(plan: AuditPlan, k: int, shapes: dict[str, torch.Size]) -> 
     return {name: t / norm for name, t in parts.items()}
 
 
+def scatter_lines(text: str, extra: list[str], key: str) -> str:
+    """``text`` with each line of ``extra`` inserted at its own random line boundary.
+
+    The Secret Sharer plants canaries at random places in the training data. Copies
+    of a canary placed one after another would let a model learn to *copy* the
+    secret from the previous line rather than memorise it after the prefix (what
+    exposure measures). Positions are a fixed function of ``key`` and the lines, so
+    a resumed run rebuilds exactly the same corpus.
+    """
+    lines = text.split("\n")
+    digest = hashlib.sha256("\x00".join([key, *extra]).encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    # Boundary b means "before lines[b]" (b = len(lines): at the end); one copy per boundary
+    # while there are enough of them, so a client line separates any two copies.
+    slots = rng.choice(len(lines) + 1, size=len(extra), replace=len(extra) > len(lines) + 1)
+    at: dict[int, list[str]] = {}
+    for slot, line in zip(slots.tolist(), extra):
+        at.setdefault(slot, []).append(line)
+    out: list[str] = []
+    for b in range(len(lines) + 1):
+        out.extend(at.get(b, []))
+        if b < len(lines):
+            out.append(lines[b])
+    return "\n".join(out)
+
+
 def apply_plan(corpus: FederatedCorpus, plan: AuditPlan) -> FederatedCorpus:
-    """The corpus without the held-out clients, with included canaries appended to their clients' text."""
+    """The corpus without the held-out clients, with included canaries scattered through their clients' text."""
     lines: dict[str, list[str]] = {}
     for c in plan.canaries:
         if c.included:
@@ -119,7 +146,8 @@ def apply_plan(corpus: FederatedCorpus, plan: AuditPlan) -> FederatedCorpus:
         if cl.client_id in held:
             continue
         extra = lines.get(cl.client_id)
-        clients.append(ClientData(cl.client_id, cl.train + "\n" + "\n".join(extra), cl.test) if extra else cl)
+        clients.append(ClientData(cl.client_id, scatter_lines(cl.train, extra, cl.client_id), cl.test)
+                       if extra else cl)
     return FederatedCorpus(corpus.name, tuple(clients), {**corpus.info, "audit_holdout": len(held),
                                                          "audit_canaries_included": sum(c.included for c in plan.canaries)})
 
