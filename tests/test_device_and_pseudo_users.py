@@ -101,6 +101,8 @@ def test_a_pseudo_user_run_says_what_it_protects(tmp_path):
     assert res.rounds_completed == 1
 
 
-def test_pseudo_users_and_silos_do_not_mix():
+def test_pseudo_users_do_not_mix_with_silos_or_an_audit():
     with pytest.raises(ConfigError, match=r"data: set data.silos or data.pseudo_users, not both"):
         load_config(None, ["data.silos=2", "data.pseudo_users=2"])
+    with pytest.raises(ConfigError, match=r"^data.pseudo_users: an audit plants canaries per client"):
+        Simulation(load_config(None, [*TINY, "data.pseudo_users=2", "audit.canaries=4"]))

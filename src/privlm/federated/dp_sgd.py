@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from privlm.federated.client import ClientResult, LocalTraining, make_optimizer, model_update, set_params
+from privlm.federated.client import (ClientResult, LocalTraining, make_optimizer, model_device, model_update,
+                                     set_params)
 
 Params = dict[str, torch.Tensor]
 GradSampleMode = Literal["hooks", "functorch", "ghost"]
@@ -168,7 +169,7 @@ def dp_sgd_train(
     set_params(model, global_params)
     model.train()
     n = x.size(0)
-    device = next(model.parameters()).device
+    device = model_device(model)
     with _per_sample_grads(model, dp.grad_sample_mode, dp.clip_norm) as gsm:
         # The step's noised sum is divided by the configured batch size, a public constant
         # (not q*n, which would depend on the silo's data size).

@@ -214,6 +214,9 @@ class Simulation:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         if cfg.data.pseudo_users is not None:
+            if audit_plan is not None:
+                raise ConfigError("data.pseudo_users: an audit plants canaries per client; "
+                                  "set audit.canaries = 0 and audit.update_canaries = 0")
             corpus = split_into_pseudo_users(corpus, cfg.data.pseudo_users)
         return corpus, scrub_counts, audit_plan
 
