@@ -29,11 +29,10 @@ import torch
 
 from privlm.config import RunConfig
 import privlm.data as _data
-from privlm.data.corpus import FederatedCorpus
+from privlm.data.corpus import FederatedCorpus, group_into_silos, split_into_pseudo_users, split_into_records
 from privlm.errors import ConfigError, DataError
 from privlm.federated import dp_fedavg
 from privlm.federated.dp_fedavg import AdaptiveClipping
-from privlm.data.corpus import group_into_silos, split_into_pseudo_users, split_into_records
 from privlm.data.scrub import scrub_corpus, settings_for_run
 from privlm.audit import AuditPlan, apply_plan, draw_plan, load_plan, save_plan, update_direction
 from privlm.federated.client import LocalTraining, evaluate, get_params, local_train
@@ -181,10 +180,10 @@ class Simulation:
         self.silo_stopped: dict[str, str] = {}
         self.population = f"the {self.corpus.num_clients} clients of the data (in-process simulation)"
         if c.data.pseudo_users is not None:
+            # What that means for a real client is said once, in the guarantee text.
             self.population = (f"the {self.corpus.num_clients} pseudo-users made by cutting each of the "
                                f"{self.corpus.info['real_clients']} clients' lines into {c.data.pseudo_users} "
-                               "parts (in-process simulation); the guarantee protects one pseudo-user, and "
-                               f"a real client only as a group of up to {c.data.pseudo_users}")
+                               "parts (in-process simulation)")
 
     def _prepare_corpus(self, cfg: RunConfig, corpus: FederatedCorpus | None, progress: bool,
                         audit_plan: AuditPlan | None) -> tuple[FederatedCorpus, dict[str, int] | None, AuditPlan | None]:

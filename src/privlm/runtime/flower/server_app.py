@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
