@@ -8,7 +8,7 @@ from dp_accounting import pld, rdp
 
 from privlm.privacy import Ledger, calibrate_noise_multiplier, epsilon, epsilon_for, round_event
 from privlm.privacy.accountant import PLD_DISCRETIZATION
-from privlm.privacy.ledger import event_from_dict, event_to_dict
+from privlm.privacy.ledger import compose_events, event_from_dict, event_to_dict
 
 # McMahan, Ramage, Talwar, Zhang 2018 ("Learning differentially private recurrent
 # language models"), Table 1: (K users, C expected per round, z) -> eps at T rounds, delta = K^-1.1.
@@ -34,6 +34,23 @@ def test_epsilon_equals_direct_dp_accounting(kind):
     acc = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION) if kind == "pld" else rdp.RdpAccountant()
     acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), T)
     assert epsilon(q, z, T, d, kind) == pytest.approx(acc.get_epsilon(d), rel=1e-12)
+
+
+def test_cached_round_pld_gives_the_stock_accountants_epsilon_to_the_bit():
+    """privlm caches a round's base PLD; every epsilon must still be the stock PLDAccountant's."""
+    ledgers = [
+        [round_event(1.0, 0.5)] * 5,
+        [round_event(0.02, 0.9)] * 30 + [round_event(0.02, 1.3)] * 20 + [round_event(0.02, 0.9)],
+        [round_event(0.3, 2.0), dp_accounting.GaussianDpEvent(4.0), round_event(0.3, 2.0)],
+    ]
+    for _ in range(2):  # the second pass is served from the cache
+        for events in ledgers:
+            stock = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+            stock.compose(compose_events(events))  # the ledger's event, composed by the stock class
+            assert epsilon_for(events, 1e-5, "pld") == stock.get_epsilon(1e-5)
+    # a zero sampling rate or zero noise still goes to the stock rules (free, resp. infinite)
+    assert epsilon_for([round_event(0.0, 1.0)], 1e-5) == 0.0
+    assert epsilon_for([round_event(0.1, 0.0)], 1e-5) == math.inf
 
 
 def test_pld_discretization_is_a_tight_upper_bound():
