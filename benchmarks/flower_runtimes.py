@@ -1,17 +1,20 @@
 """One workload on three runtimes, side by side (issue #3).
 
     python benchmarks/flower_runtimes.py --data ../shared/data --out benchmarks/out [--rounds 3]
+        [--workloads tiny light heavy] [--no-deploy]
 
-Two workloads -- "light" (12 clients, 1 local step each: cross-device, messaging
-dominates) and "heavy" (6 clients, 10 local steps each: local training
-dominates) -- each the same DP-FedAvg run (tiny Shakespeare split into that many
-clients, the same model, local steps, rounds, seed and seeded noise) on:
+Three workloads -- "tiny" (12 clients, 1 local step of 2 windows each: cross-device,
+messaging dominates), "light" (12 clients, 1 step of 16 windows) and "heavy" (6 clients,
+10 local steps each: local training dominates) -- each the same DP-FedAvg run (tiny
+Shakespeare split into that many clients, the same model, local steps, rounds, seed and
+seeded noise) on:
 
-* ``in-process``: privlm's simulation (``privlm run``);
+* ``in-process``: privlm's simulation (``privlm run``), with ``workers = 1`` and ``2``;
 * ``flower-simulation``: Flower's simulation engine, Ray backend
   (``runtime = "flower-simulation"``), one virtual SuperNode per client;
 * ``deploy-local``: a real SuperLink and one SuperNode process per client on
-  127.0.0.1 (``privlm deploy-local``).
+  127.0.0.1 (``privlm deploy-local``); not for "tiny" (its cost is process start-up,
+  measured by the light and heavy cases).
 
 Every client is sampled every round (q = 1), so each run does the same
 ``clients x rounds`` client updates. Throughput is client updates per second
@@ -48,11 +51,11 @@ from privlm.runtime.flower.ray_simulation import run_flower_simulation
 from privlm.runtime.simulation import Simulation
 
 
-def workload(data: Path, clients: int, rounds: int, steps: int) -> list[str]:
+def workload(data: Path, clients: int, rounds: int, steps: int, batch: int = 16) -> list[str]:
     return [
         "data.source=tinyshakespeare", f'data.path="{data / "tinyshakespeare.txt"}"', f"data.silos={clients}",
         "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.block_size=64",
-        "client.batch_size=16", "client.optimizer=adam", "client.lr=0.003", f"client.local_steps={steps}",
+        f"client.batch_size={batch}", "client.optimizer=adam", "client.lr=0.003", f"client.local_steps={steps}",
         f"federation.rounds={rounds}", f"federation.clients_per_round={clients}",
         "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5", "privacy.target_epsilon=100",
         "privacy.seeded_noise=true",
@@ -119,29 +122,52 @@ def message_costs(cfg) -> dict:
             "supernode_poll_interval_s": 3.0}
 
 
-def compare(data: Path, tmp: Path, name: str, clients: int, rounds: int, steps: int) -> dict:
-    """One workload on the three runtimes; the speed-ups of in-process over each Flower runtime."""
-    overrides = workload(data, clients, rounds, steps)
+def compare(data: Path, tmp: Path, name: str, clients: int, rounds: int, steps: int, batch: int,
+            deploy: bool) -> dict:
+    """One workload on every runtime; the speed-ups of in-process over each Flower runtime.
+
+    In-process runs twice: one client at a time (``workers = 1``, torch's intra-op threads
+    on both cores) and two at once (``workers = 2``, one thread each), as Ray runs two
+    ClientApps at once on these 2 cores (``flower.client_cpus = 1``).
+    """
+    overrides = workload(data, clients, rounds, steps, batch)
     no_silos = [o for o in overrides if not o.startswith("data.silos")]  # deploy-local splits by --clients
+    threads = torch.get_num_threads()
+
+    def in_process(workers: int):
+        def start(out):
+            torch.set_num_threads(threads)  # workers = 2 lowers it for the process; each run starts equal
+            Simulation(load_config(None, [*overrides, f"workers={workers}"])).run(out, progress=False)
+        return start
+
     runtimes = {
-        "in-process": lambda out: Simulation(load_config(None, overrides)).run(out, progress=False),
+        "in-process": in_process(1),
+        "in-process-workers-2": in_process(2),
         "flower-simulation": lambda out: run_flower_simulation(
             load_config(None, [*overrides, "runtime=flower-simulation"]), out, progress=False),
-        "deploy-local": lambda out: deploy_local(load_config(None, no_silos), clients, out, progress=False),
     }
+    if deploy:
+        runtimes["deploy-local"] = lambda out: deploy_local(load_config(None, no_silos), clients, out,
+                                                            progress=False)
     runs: dict = {}
     for runtime, start in runtimes.items():
         t = time.perf_counter()
         start(tmp / name / runtime)
+        torch.set_num_threads(threads)
         runs[runtime] = summary(runtime, tmp / name / runtime, time.perf_counter() - t)
         print(json.dumps({"workload": name, **runs[runtime]}), flush=True)
-    base = runs["in-process"]
-    for other in ("flower-simulation", "deploy-local"):
-        r = runs[other]
-        r["max_abs_param_diff_vs_in_process"] = max_param_diff(tmp / name / "in-process", tmp / name / other, rounds)
-        for how in ("rounds", "steady", "wall"):
-            r[f"in_process_speedup_{how}"] = round(base[f"updates_per_s_{how}"] / r[f"updates_per_s_{how}"], 1)
-    return {"clients": clients, "rounds": rounds, "local_steps": steps, "overrides": overrides, "runs": runs}
+    torch.set_num_threads(threads)
+    for mine in ("in-process", "in-process-workers-2"):
+        base = runs[mine]
+        for other in runs:
+            if other.startswith("in-process"):
+                continue
+            r = runs[other]
+            r[f"max_abs_param_diff_vs_{mine}"] = max_param_diff(tmp / name / mine, tmp / name / other, rounds)
+            for how in ("rounds", "steady", "wall"):
+                r[f"{mine}_speedup_{how}"] = round(base[f"updates_per_s_{how}"] / r[f"updates_per_s_{how}"], 1)
+    return {"clients": clients, "rounds": rounds, "local_steps": steps, "batch_size": batch,
+            "overrides": overrides, "runs": runs}
 
 
 def main() -> None:
@@ -149,16 +175,22 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--workloads", nargs="+", default=["tiny", "light", "heavy"])
+    ap.add_argument("--no-deploy", action="store_true", help="leave out deploy-local (minutes per workload)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data.resolve()
-    # light: cross-device, little local work per client (messaging dominates);
+    # (clients, local steps, batch, deploy-local too?)
+    # tiny: cross-device, one step of 2 windows per client (phones: a few sentences each);
+    # light: one step of 16 windows (messaging and training both count);
     # heavy: fewer clients with 10 local steps each (local training dominates).
-    workloads = {"light": (12, 1), "heavy": (6, 10)}
+    workloads = {"tiny": (12, 1, 2, False), "light": (12, 1, 16, True), "heavy": (6, 10, 16, True)}
+    workloads = {k: v for k, v in workloads.items() if k in args.workloads}
     results: dict = {"command": " ".join(sys.argv), "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (clients, steps) in workloads.items():
-            results["workloads"][name] = compare(data, Path(tmp), name, clients, args.rounds, steps)
+        for name, (clients, steps, batch, deploy) in workloads.items():
+            results["workloads"][name] = compare(data, Path(tmp), name, clients, args.rounds, steps, batch,
+                                                 deploy and not args.no_deploy)
         results["message_costs"] = message_costs(load_config(None, workload(data, 6, args.rounds, 10)))
         print(json.dumps(results["message_costs"]), flush=True)
     (args.out / "flower_runtimes.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -167,9 +199,10 @@ def main() -> None:
             print(f"{name:6s} {rt:18s} {r['updates_per_s_rounds']:8.2f} updates/s (rounds) "
                   f"{r['updates_per_s_wall']:8.2f} updates/s (wall) "
                   f"{r['updates_per_s_steady']:8.2f} updates/s (steady)  loss {r['final_eval_loss']}  "
-                  f"eps {r['epsilon']:.4f}  speed-up of in-process {r.get('in_process_speedup_rounds', '-')}x "
-                  f"(rounds) {r.get('in_process_speedup_steady', '-')}x (steady) "
-                  f"{r.get('in_process_speedup_wall', '-')}x (wall)")
+                  f"eps {r['epsilon']:.4f}  speed-up of in-process (workers 1 / 2): "
+                  f"{r.get('in-process_speedup_steady', '-')}x / "
+                  f"{r.get('in-process-workers-2_speedup_steady', '-')}x (steady), "
+                  f"{r.get('in-process_speedup_wall', '-')}x / {r.get('in-process-workers-2_speedup_wall', '-')}x (wall)")
 
 
 if __name__ == "__main__":

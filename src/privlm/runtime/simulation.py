@@ -15,11 +15,16 @@ a crash can only over-count spent privacy, never under-count it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import os
+import queue
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +154,12 @@ class Simulation:
         self.model, tok = build_model(c)
         self.device = resolve_device(c)  # local training and evaluation; server state stays on the host
         self.model.to(self.device)
+        self._replicas: list[torch.nn.Module] = []  # workers > 1: one model copy per training thread
+        if c.workers > 1 and self.device.type == "cpu":
+            # W clients at once, each with cpus // W threads per op: small models gain more
+            # from that than from intra-op threads (benchmarks/RESULTS.md, issue #3)
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, cpus // c.workers))
         self.tokenizer = tok
         self.train_tokens = [tok.encode(cl.train) for cl in self.corpus.clients]
         rng = np.random.default_rng([c.seed, 0, 2])
@@ -174,6 +185,9 @@ class Simulation:
         # epsilon_for(self.ledger): updated whenever the ledger grows, never set otherwise.
         # Example-level mode: the largest of the silos' epsilons (silo_epsilon holds each).
         self.example = c.privacy.mode == "example"
+        if self.example and c.workers > 1:
+            raise ConfigError("workers: example-level silos (DP-SGD with Opacus) train one at a time; "
+                              "set workers = 1")
         self.epsilon = 0.0 if (self.algo.private or self.example) else math.inf
         self.silos: dict[int, SiloPlan] = self._plan_silos() if self.example else {}
         self.silo_epsilon: dict[str, float] = {s.silo_id: 0.0 for s in self.silos.values()}
@@ -258,6 +272,10 @@ class Simulation:
     def contributions(self, state: dp_fedavg.ServerState, ids: list[int], on_client=None
                       ) -> Iterator[dp_fedavg.Contribution]:
         """Local training of each sampled client, yielded one at a time (streamed)."""
+        if self.cfg.workers > 1 and not self.example:
+            yield from self._parallel_contributions(state, ids, on_client)
+            yield from self._update_canaries(state)
+            return
         for i in ids:
             cid = self.corpus.clients[i].client_id
             if self.example:  # DP-SGD over the silo's records; all silos weigh the same
@@ -273,13 +291,51 @@ class Simulation:
                               client_generator(self.cfg, state.round, cid))
             if on_client:
                 on_client()
-            yield dp_fedavg.Contribution(
-                client_id=cid,
-                update=res.update,
-                weight=float(res.num_tokens),
-                train_loss=res.loss_sum / res.steps if res.steps else None,
-            )
+            yield self._user_contribution(res, cid)
         yield from self._update_canaries(state)
+
+    def _user_contribution(self, res, cid: str) -> dp_fedavg.Contribution:
+        return dp_fedavg.Contribution(client_id=cid, update=res.update, weight=float(res.num_tokens),
+                                      train_loss=res.loss_sum / res.steps if res.steps else None)
+
+    def _parallel_contributions(self, state: dp_fedavg.ServerState, ids: list[int], on_client=None
+                                ) -> Iterator[dp_fedavg.Contribution]:
+        """``workers`` clients train at once, each thread on its own model replica.
+
+        Each client's training is the same function on the same inputs as in the
+        sequential loop (its own generator, the global params), and the updates
+        are yielded in the order of ``ids``, so the server sees exactly the
+        sequential stream. At most 2 x workers updates are held at once: memory
+        is O(workers x model), never O(clients x model).
+        """
+        w = self.cfg.workers
+        if len(self._replicas) < w:
+            self._replicas += [copy.deepcopy(self.model) for _ in range(w - len(self._replicas))]
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for m in self._replicas[:w]:
+            free.put(m)
+
+        def train(i: int, gen: torch.Generator):
+            model = free.get()
+            try:
+                return local_train(model, state.params, self.train_tokens[i], self.local, gen)
+            finally:
+                free.put(model)
+
+        pool = ThreadPoolExecutor(max_workers=w, thread_name_prefix="privlm-client")
+        pending: deque = deque()  # (client id, future), in the order of ids
+        try:
+            for n, i in enumerate(ids, 1):
+                cid = self.corpus.clients[i].client_id
+                pending.append((cid, pool.submit(train, i, client_generator(self.cfg, state.round, cid))))
+                while pending and (len(pending) >= 2 * w or n == len(ids)):
+                    cid0, fut = pending.popleft()
+                    res = fut.result()
+                    if on_client:
+                        on_client()
+                    yield self._user_contribution(res, cid0)
+        finally:  # also when the consumer stops early (a rejected round, a crash): no stray work
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _update_canaries(self, state: dp_fedavg.ServerState) -> Iterator[dp_fedavg.Contribution]:
         """The audit's included white-box canaries, each Poisson-sampled with q like any user.
