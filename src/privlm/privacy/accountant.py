@@ -35,7 +35,7 @@ PLD_DISCRETIZATION = 1e-3
 MIN_NOISE_MULTIPLIER = 0.05
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=4)  # a run uses one (z, q); calibration tries each z once
 def _subsampled_gaussian_pld(
     noise_multiplier: float, sampling_rate: float, interval: float, relation
 ) -> pld.privacy_loss_distribution.PrivacyLossDistribution:
