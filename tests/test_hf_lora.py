@@ -192,3 +192,28 @@ def test_the_audit_runs_on_a_lora_run(tiny_model, tmp_path):
     assert a["membership"]["nonmembers"] == 8 and 0 <= a["membership"]["auc"] <= 1
     assert a["pii"]["generations"] == 2
     assert (res.run_dir / "audit.json").exists()
+
+
+def test_parallel_clients_train_lora_as_one_at_a_time(tiny_model, tmp_path, caplog):
+    """``workers = 2`` deep-copies the peft model per thread; without dropout the run equals
+    workers = 1 to the bit. With dropout (tiny GPT-2 has p = 0.1) masks depend on thread
+    timing: the run says so, and a resume treats its rounds as not replayable."""
+    threads = torch.get_num_threads()
+    sims = {}
+    try:
+        for w in (1, 2):
+            torch.set_num_threads(1)  # same kernels both times
+            sims[w] = Simulation(_cfg(tiny_model, "privacy.seeded_noise=true", "client.optimizer=sgd",
+                                      f"workers={w}"))
+            sims[w].run(tmp_path / str(w), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in sims[1].model.modules())
+    assert dropout is (tiny_model.name.startswith("gpt2"))  # GPT-2's default p = 0.1; LLaMA's 0
+    assert sims[1].replayable and sims[2].replayable is not dropout
+    assert ("not bit-reproducible" in caplog.text) is dropout
+    a = load_file(str(tmp_path / "1" / "checkpoints" / "round-0002.safetensors"))
+    b = load_file(str(tmp_path / "2" / "checkpoints" / "round-0002.safetensors"))
+    assert a.keys() == b.keys() and all("lora_" in k for k in a)
+    if not dropout:
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -77,3 +77,14 @@ def test_workers_are_refused_for_example_level_silos():
                              "federation.clients_per_round=3"])
     with pytest.raises(ConfigError, match=r"^workers: "):
         Simulation(cfg)
+
+
+def test_parallel_clients_with_dropout_are_not_replayable(caplog):
+    """Dropout masks come from torch's one global generator, in thread order: such a seeded
+    run is not a function of (state, round), so a resume must pay for its lost rounds again."""
+    assert Simulation(load_config(None, [*TINY, "model.dropout=0.1"])).replayable
+    assert Simulation(load_config(None, [*TINY, "workers=2"])).replayable
+    assert "not bit-reproducible" not in caplog.text
+    sim = Simulation(load_config(None, [*TINY, "workers=2", "model.dropout=0.1"]))
+    assert not sim.replayable
+    assert "not bit-reproducible" in caplog.text

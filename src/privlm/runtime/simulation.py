@@ -134,6 +134,19 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> RunConfig:
     return new
 
 
+def _has_dropout(model: torch.nn.Module) -> bool:
+    """Whether training draws dropout masks: an ``nn.Dropout`` with p > 0, or a Hugging Face
+    config with a positive ``*dropout*`` rate (attention dropout is often functional)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return True
+        hf = getattr(m, "config", None)
+        if hasattr(hf, "to_dict") and any("dropout" in k and isinstance(v, float) and v > 0
+                                          for k, v in hf.to_dict().items()):
+            return True
+    return False
+
+
 def _sampling_rng(cfg: RunConfig, round_index: int) -> np.random.Generator:
     """Which clients take part: secret under user-level DP (the sampling is part of the mechanism);
     in example-level mode the silos' participation is not what DP protects."""
@@ -155,6 +168,12 @@ class Simulation:
         self.device = resolve_device(c)  # local training and evaluation; server state stays on the host
         self.model.to(self.device)
         self._replicas: list[torch.nn.Module] = []  # workers > 1: one model copy per training thread
+        # Dropout draws from torch's one global generator; with clients in parallel threads the
+        # order of draws, and so the masks, depend on timing: such a run is not reproducible.
+        self._racing_dropout = c.workers > 1 and _has_dropout(self.model)
+        if self._racing_dropout:
+            log.warning("workers = %d with dropout: dropout masks depend on thread timing, so this "
+                        "run is not bit-reproducible (a resumed round is paid for again)", c.workers)
         if c.workers > 1 and self.device.type == "cpu":
             # W clients at once, each with cpus // W threads per op: small models gain more
             # from that than from intra-op threads (benchmarks/RESULTS.md, issue #3)
@@ -552,8 +571,9 @@ class Simulation:
 
     @property
     def replayable(self) -> bool:
-        """Whether a round is a pure function of (state, round): seeded or non-private."""
-        return self.cfg.privacy.seeded_noise or self.cfg.privacy.mode == "none"
+        """Whether a round is a pure function of (state, round): seeded or non-private, and no
+        dropout masks drawn by parallel clients from the shared generator in thread order."""
+        return (self.cfg.privacy.seeded_noise or self.cfg.privacy.mode == "none") and not self._racing_dropout
 
     def _loop(self, rd: RunDir, state: dp_fedavg.ServerState, metrics: list[dict], progress: bool,
               stop_when: Callable[[dict], bool] | None) -> RunResult:
