@@ -275,7 +275,7 @@ class RunConfig(_Section):
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$")
     # In-process simulation: how many sampled clients train at once, each on its own copy of
     # the model in its own thread (updates still reach the server one by one, in order, so
-    # results equal workers = 1). With workers > 1 on the CPU, torch uses
+    # results equal workers = 1, except with dropout). With workers > 1 on the CPU, torch uses
     # cpus // workers threads per operation. User-level and non-private runs only.
     workers: int = Field(1, gt=0, le=256)
 
