@@ -135,10 +135,7 @@ def compare(data: Path, tmp: Path, name: str, clients: int, rounds: int, steps: 
     threads = torch.get_num_threads()
 
     def in_process(workers: int):
-        def start(out):
-            torch.set_num_threads(threads)  # workers = 2 lowers it for the process; each run starts equal
-            Simulation(load_config(None, [*overrides, f"workers={workers}"])).run(out, progress=False)
-        return start
+        return lambda out: Simulation(load_config(None, [*overrides, f"workers={workers}"])).run(out, progress=False)
 
     runtimes = {
         "in-process": in_process(1),
@@ -153,10 +150,9 @@ def compare(data: Path, tmp: Path, name: str, clients: int, rounds: int, steps: 
     for runtime, start in runtimes.items():
         t = time.perf_counter()
         start(tmp / name / runtime)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # workers = 2 lowers it for the process; each run starts equal
         runs[runtime] = summary(runtime, tmp / name / runtime, time.perf_counter() - t)
         print(json.dumps({"workload": name, **runs[runtime]}), flush=True)
-    torch.set_num_threads(threads)
     for mine in ("in-process", "in-process-workers-2"):
         base = runs[mine]
         for other in runs:

@@ -49,12 +49,16 @@ def test_parallel_clients_give_the_sequential_run(tmp_path):
 
 def test_parallel_clients_stream_in_order_with_bounded_work_in_flight(monkeypatch):
     sim = Simulation(load_config(None, [*TINY, "workers=2"]))
-    started = []
+    started, running = [], []
     real = simulation.local_train
 
     def counting(model, params, tokens, cfg, gen):
         started.append(model)
-        return real(model, params, tokens, cfg, gen)
+        running.append(1)
+        try:
+            return real(model, params, tokens, cfg, gen)
+        finally:
+            running.pop()
 
     monkeypatch.setattr(simulation, "local_train", counting)
     ids = list(range(20))
@@ -65,8 +69,8 @@ def test_parallel_clients_stream_in_order_with_bounded_work_in_flight(monkeypatc
     rest = list(itertools.islice(stream, 5))
     assert [c.client_id for c in rest] == [sim.corpus.clients[i].client_id for i in range(1, 6)]
     stream.close()  # a consumer that stops early (a crash, a rejected round) leaves no work running
-    n = len(started)
-    assert n <= 6 + 4
+    assert not running
+    assert len(started) <= 6 + 4  # nothing was trained beyond the 2 x workers window
     assert len(set(map(id, started))) == 2  # two model replicas, never the server's model
     assert all(m is not sim.model for m in started)
 

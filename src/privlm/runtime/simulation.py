@@ -40,7 +40,7 @@ from privlm.federated import dp_fedavg
 from privlm.federated.dp_fedavg import AdaptiveClipping
 from privlm.data.scrub import scrub_corpus, settings_for_run
 from privlm.audit import AuditPlan, apply_plan, draw_plan, load_plan, save_plan, update_direction
-from privlm.federated.client import LocalTraining, evaluate, get_params, local_train
+from privlm.federated.client import ClientResult, LocalTraining, evaluate, get_params, local_train
 from privlm.federated.dp_sgd import ExampleDP, dp_sgd_train, record_windows, silo_round_event, steps_per_round
 from privlm.federated.server_opt import ServerOptimizer
 from privlm.runtime.training import (build_model, client_generator, derived_seed, from_checkpoint,
@@ -291,7 +291,7 @@ class Simulation:
     def contributions(self, state: dp_fedavg.ServerState, ids: list[int], on_client=None
                       ) -> Iterator[dp_fedavg.Contribution]:
         """Local training of each sampled client, yielded one at a time (streamed)."""
-        if self.cfg.workers > 1 and not self.example:
+        if self.cfg.workers > 1:  # user-level or non-private (example mode refuses workers)
             yield from self._parallel_contributions(state, ids, on_client)
             yield from self._update_canaries(state)
             return
@@ -313,7 +313,7 @@ class Simulation:
             yield self._user_contribution(res, cid)
         yield from self._update_canaries(state)
 
-    def _user_contribution(self, res, cid: str) -> dp_fedavg.Contribution:
+    def _user_contribution(self, res: ClientResult, cid: str) -> dp_fedavg.Contribution:
         return dp_fedavg.Contribution(client_id=cid, update=res.update, weight=float(res.num_tokens),
                                       train_loss=res.loss_sum / res.steps if res.steps else None)
 
