@@ -1,20 +1,21 @@
 """One workload on three runtimes, side by side (issue #3).
 
     python benchmarks/flower_runtimes.py --data ../shared/data --out benchmarks/out [--rounds 3]
-        [--workloads tiny light heavy] [--no-deploy]
+        [--workloads tiny cross-device light heavy] [--no-deploy]
 
-Three workloads -- "tiny" (12 clients, 1 local step of 2 windows each: cross-device,
-messaging dominates), "light" (12 clients, 1 step of 16 windows) and "heavy" (6 clients,
-10 local steps each: local training dominates) -- each the same DP-FedAvg run (tiny
-Shakespeare split into that many clients, the same model, local steps, rounds, seed and
-seeded noise) on:
+Four workloads -- "tiny" (12 clients, 1 local step of 2 windows each: messaging
+dominates), "cross-device" (the same client work, 96 clients a round: the per-round
+accounting is shared by more updates), "light" (12 clients, 1 step of 16 windows) and
+"heavy" (6 clients, 10 local steps each: local training dominates) -- each the same
+DP-FedAvg run (tiny Shakespeare split into that many clients, the same model, local
+steps, rounds, seed and seeded noise) on:
 
 * ``in-process``: privlm's simulation (``privlm run``), with ``workers = 1`` and ``2``;
 * ``flower-simulation``: Flower's simulation engine, Ray backend
   (``runtime = "flower-simulation"``), one virtual SuperNode per client;
 * ``deploy-local``: a real SuperLink and one SuperNode process per client on
-  127.0.0.1 (``privlm deploy-local``); not for "tiny" (its cost is process start-up,
-  measured by the light and heavy cases).
+  127.0.0.1 (``privlm deploy-local``); not for "tiny" and "cross-device" (its cost is
+  process start-up, measured by the light and heavy cases).
 
 Every client is sampled every round (q = 1), so each run does the same
 ``clients x rounds`` client updates. Throughput is client updates per second
@@ -171,16 +172,18 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--workloads", nargs="+", default=["tiny", "light", "heavy"])
+    ap.add_argument("--workloads", nargs="+", default=["tiny", "cross-device", "light", "heavy"])
     ap.add_argument("--no-deploy", action="store_true", help="leave out deploy-local (minutes per workload)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data.resolve()
     # (clients, local steps, batch, deploy-local too?)
-    # tiny: cross-device, one step of 2 windows per client (phones: a few sentences each);
+    # tiny: one step of 2 windows per client (phones: a few sentences each), 12 a round;
+    # cross-device: the same clients' work, 96 a round (Flower's simulation's use case);
     # light: one step of 16 windows (messaging and training both count);
     # heavy: fewer clients with 10 local steps each (local training dominates).
-    workloads = {"tiny": (12, 1, 2, False), "light": (12, 1, 16, True), "heavy": (6, 10, 16, True)}
+    workloads = {"tiny": (12, 1, 2, False), "cross-device": (96, 1, 2, False), "light": (12, 1, 16, True),
+                 "heavy": (6, 10, 16, True)}
     workloads = {k: v for k, v in workloads.items() if k in args.workloads}
     results: dict = {"command": " ".join(sys.argv), "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -173,7 +173,7 @@ def dp_sgd_train(
     with _per_sample_grads(model, dp.grad_sample_mode, dp.clip_norm) as gsm:
         # The step's noised sum is divided by the configured batch size, a public constant
         # (not q*n, which would depend on the silo's data size).
-        opt = _dp_optimizer(make_optimizer(model, cfg), dp, cfg.batch_size, noise)
+        opt = _dp_optimizer(make_optimizer(model, cfg, fused=False), dp, cfg.batch_size, noise)
         steps = steps_per_round(cfg, dp)
         loss_sum, nonempty = 0.0, 0
         for _ in range(steps):

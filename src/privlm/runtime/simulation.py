@@ -44,7 +44,7 @@ from privlm.federated.client import ClientResult, LocalTraining, evaluate, get_p
 from privlm.federated.dp_sgd import ExampleDP, dp_sgd_train, record_windows, silo_round_event, steps_per_round
 from privlm.federated.server_opt import ServerOptimizer
 from privlm.runtime.training import (build_model, client_generator, derived_seed, from_checkpoint,
-                                     resolve_device, to_checkpoint)
+                                     resolve_device, seed_torch, to_checkpoint)
 from privlm.privacy.accountant import (
     calibrate_noise_multiplier,
     default_delta,
@@ -592,7 +592,7 @@ class Simulation:
                 t0 = time.perf_counter()
                 # 1. Budget check, then the round's privacy cost, durable before anything else.
                 if self.replayable:  # e.g. dropout: make the round a function of (state, r)
-                    torch.manual_seed(derived_seed(c.seed, "torch", r))
+                    seed_torch(derived_seed(c.seed, "torch", r))
                 if self.example:
                     ids, stopped = self._pay_silos(rd, r)
                     eps = self.epsilon
