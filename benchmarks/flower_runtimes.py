@@ -4,13 +4,14 @@
         [--workloads tiny cross-device light heavy] [--no-deploy]
 
 Four workloads -- "tiny" (12 clients, 1 local step of 2 windows each: messaging
-dominates), "cross-device" (the same client work, 96 clients a round: the per-round
-accounting is shared by more updates), "light" (12 clients, 1 step of 16 windows) and
-"heavy" (6 clients, 10 local steps each: local training dominates) -- each the same
-DP-FedAvg run (tiny Shakespeare split into that many clients, the same model, local
-steps, rounds, seed and seeded noise) on:
+dominates), "cross-device" (the same client work, 240 clients a round: tiny
+Shakespeare's 245 speakers in 240 groups; the per-round costs are shared by more
+updates), "light" (12 clients, 1 step of 16 windows) and "heavy" (6 clients, 10 local
+steps each: local training dominates) -- each the same DP-FedAvg run (tiny Shakespeare
+split into that many clients, the same model, local steps, rounds, seed and seeded noise) on:
 
-* ``in-process``: privlm's simulation (``privlm run``), with ``workers = 1`` and ``2``;
+* ``in-process``: privlm's simulation (``privlm run``), with ``workers = 1``, with 2
+  threads (``workers = 2``) and with 2 processes (``worker_kind = "process"``);
 * ``flower-simulation``: Flower's simulation engine, Ray backend
   (``runtime = "flower-simulation"``), one virtual SuperNode per client;
 * ``deploy-local``: a real SuperLink and one SuperNode process per client on
@@ -50,6 +51,9 @@ from privlm.runtime.flower import codec
 from privlm.runtime.flower.deploy import deploy_local
 from privlm.runtime.flower.ray_simulation import run_flower_simulation
 from privlm.runtime.simulation import Simulation
+
+
+MINE = ("in-process", "in-process-workers-2", "in-process-processes-2")  # privlm's own runtimes
 
 
 def workload(data: Path, clients: int, rounds: int, steps: int, batch: int = 16) -> list[str]:
@@ -127,20 +131,23 @@ def compare(data: Path, tmp: Path, name: str, clients: int, rounds: int, steps: 
             deploy: bool) -> dict:
     """One workload on every runtime; the speed-ups of in-process over each Flower runtime.
 
-    In-process runs twice: one client at a time (``workers = 1``, torch's intra-op threads
-    on both cores) and two at once (``workers = 2``, one thread each), as Ray runs two
-    ClientApps at once on these 2 cores (``flower.client_cpus = 1``).
+    In-process runs three times: one client at a time (``workers = 1``, torch's intra-op
+    threads on both cores), two at once in threads (``workers = 2``, one torch thread each)
+    and two at once in processes (``worker_kind = "process"``), as Ray runs two ClientApps
+    at once on these 2 cores (``flower.client_cpus = 1``).
     """
     overrides = workload(data, clients, rounds, steps, batch)
     no_silos = [o for o in overrides if not o.startswith("data.silos")]  # deploy-local splits by --clients
     threads = torch.get_num_threads()
 
-    def in_process(workers: int):
-        return lambda out: Simulation(load_config(None, [*overrides, f"workers={workers}"])).run(out, progress=False)
+    def in_process(workers: int, kind: str = "thread"):
+        return lambda out: Simulation(load_config(None, [*overrides, f"workers={workers}", f"worker_kind={kind}"])
+                                      ).run(out, progress=False)
 
     runtimes = {
         "in-process": in_process(1),
         "in-process-workers-2": in_process(2),
+        "in-process-processes-2": in_process(2, "process"),
         "flower-simulation": lambda out: run_flower_simulation(
             load_config(None, [*overrides, "runtime=flower-simulation"]), out, progress=False),
     }
@@ -154,7 +161,7 @@ def compare(data: Path, tmp: Path, name: str, clients: int, rounds: int, steps: 
         torch.set_num_threads(threads)  # workers = 2 lowers it for the process; each run starts equal
         runs[runtime] = summary(runtime, tmp / name / runtime, time.perf_counter() - t)
         print(json.dumps({"workload": name, **runs[runtime]}), flush=True)
-    for mine in ("in-process", "in-process-workers-2"):
+    for mine in MINE:
         base = runs[mine]
         for other in runs:
             if other.startswith("in-process"):
@@ -179,10 +186,10 @@ def main() -> None:
     data = args.data.resolve()
     # (clients, local steps, batch, deploy-local too?)
     # tiny: one step of 2 windows per client (phones: a few sentences each), 12 a round;
-    # cross-device: the same clients' work, 96 a round (Flower's simulation's use case);
+    # cross-device: the same clients' work, 240 a round (Flower's simulation's use case);
     # light: one step of 16 windows (messaging and training both count);
     # heavy: fewer clients with 10 local steps each (local training dominates).
-    workloads = {"tiny": (12, 1, 2, False), "cross-device": (96, 1, 2, False), "light": (12, 1, 16, True),
+    workloads = {"tiny": (12, 1, 2, False), "cross-device": (240, 1, 2, False), "light": (12, 1, 16, True),
                  "heavy": (6, 10, 16, True)}
     workloads = {k: v for k, v in workloads.items() if k in args.workloads}
     results: dict = {"command": " ".join(sys.argv), "workloads": {}}
@@ -198,10 +205,9 @@ def main() -> None:
             print(f"{name:6s} {rt:18s} {r['updates_per_s_rounds']:8.2f} updates/s (rounds) "
                   f"{r['updates_per_s_wall']:8.2f} updates/s (wall) "
                   f"{r['updates_per_s_steady']:8.2f} updates/s (steady)  loss {r['final_eval_loss']}  "
-                  f"eps {r['epsilon']:.4f}  speed-up of in-process (workers 1 / 2): "
-                  f"{r.get('in-process_speedup_steady', '-')}x / "
-                  f"{r.get('in-process-workers-2_speedup_steady', '-')}x (steady), "
-                  f"{r.get('in-process_speedup_wall', '-')}x / {r.get('in-process-workers-2_speedup_wall', '-')}x (wall)")
+                  f"eps {r['epsilon']:.4f}  speed-up of in-process (workers 1 / 2 threads / 2 processes): "
+                  + " / ".join(f"{r.get(f'{m}_speedup_steady', '-')}x" for m in MINE) + " (steady), "
+                  + " / ".join(f"{r.get(f'{m}_speedup_wall', '-')}x" for m in MINE) + " (wall)")
 
 
 if __name__ == "__main__":

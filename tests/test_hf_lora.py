@@ -6,6 +6,7 @@ with a tokenizer trained here, to a temp directory (no download)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -197,17 +198,21 @@ def test_the_audit_runs_on_a_lora_run(tiny_model, tmp_path):
 def test_parallel_clients_train_lora_as_one_at_a_time(tiny_model, tmp_path, caplog):
     """``workers = 2`` deep-copies the peft model per thread; without dropout the run equals
     workers = 1 to the bit. With dropout (tiny GPT-2 has p = 0.1) masks depend on thread
-    timing: the run says so, and a resume treats its rounds as not replayable."""
+    timing: the run says so, and a resume treats its rounds as not replayable. Worker
+    processes load the model themselves and seed per client: equal to the bit either way."""
     threads = torch.get_num_threads()
     sims = {}
     try:
-        for w in (1, 2):
-            torch.set_num_threads(1)  # same kernels both times
-            sims[w] = Simulation(_cfg(tiny_model, "privacy.seeded_noise=true", "client.optimizer=sgd",
-                                      f"workers={w}"))
+        for w in (1, 2, "p"):
+            # the same kernels each time: cpus // 2 threads, what 2 threads or 2 processes get
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // 2))
+            extra = ["workers=2", "worker_kind=process"] if w == "p" else [f"workers={w}"]
+            sims[w] = Simulation(_cfg(tiny_model, "privacy.seeded_noise=true", "client.optimizer=sgd", *extra))
             sims[w].run(tmp_path / str(w), progress=False)
     finally:
         torch.set_num_threads(threads)
+    assert sims["p"].replayable
+    p = load_file(str(tmp_path / "p" / "checkpoints" / "round-0002.safetensors"))
     dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in sims[1].model.modules())
     assert dropout is (tiny_model.name.startswith("gpt2"))  # GPT-2's default p = 0.1; LLaMA's 0
     assert sims[1].replayable and sims[2].replayable is not dropout
@@ -217,3 +222,4 @@ def test_parallel_clients_train_lora_as_one_at_a_time(tiny_model, tmp_path, capl
     assert a.keys() == b.keys() and all("lora_" in k for k in a)
     if not dropout:
         assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == p.keys() and all(torch.equal(a[k], p[k]) for k in a)

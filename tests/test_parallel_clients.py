@@ -92,3 +92,106 @@ def test_parallel_clients_with_dropout_are_not_replayable(caplog):
     sim = Simulation(load_config(None, [*TINY, "workers=2", "model.dropout=0.1"]))
     assert not sim.replayable
     assert "not bit-reproducible" in caplog.text
+
+
+# ----------------------------------------------------------------- worker processes
+
+def _no_worker_processes_left() -> bool:
+    import multiprocessing
+
+    return not [p for p in multiprocessing.active_children() if p.name.startswith("privlm-client")]
+
+
+def _worker_threads() -> int:
+    """The torch threads each of 2 worker processes gets (cpus // 2), for a same-kernels reference."""
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def test_update_bytes_round_trip_for_mixed_dtypes_and_sizes():
+    from privlm.runtime.workers import _from_bytes, _layout, _to_bytes
+
+    tensors = {"a": torch.randn(3, dtype=torch.bfloat16), "b": torch.randn(5, 2), "empty": torch.zeros(0, 4),
+               "c": torch.arange(7, dtype=torch.float16), "d": torch.randn(4, 3).t()}  # odd sizes, a transposed one
+    back = _from_bytes(bytearray(_to_bytes(list(tensors.values()))), _layout(tensors))
+    assert list(back) == list(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+    with pytest.raises(ValueError, match="bytes for a layout"):
+        _from_bytes(bytearray(_to_bytes(list(tensors.values()))[:-8]), _layout(tensors))
+
+
+def test_worker_processes_give_the_sequential_run_even_with_dropout(tmp_path):
+    """Each worker process seeds its own generator for each client, as one-at-a-time training
+    does, so even dropout gives the same run (threads cannot promise that)."""
+    runs = {}
+    for name, extra in (("seq", ["workers=1"]), ("proc", ["workers=2", "worker_kind=process"])):
+        torch.set_num_threads(_worker_threads())  # the kernels the worker processes run
+        sim = Simulation(load_config(None, [*TINY, "model.dropout=0.1", *extra]))
+        assert sim.replayable
+        runs[name] = sim.run(tmp_path / name, progress=False)
+    assert _no_worker_processes_left()  # run() stops its workers
+    seq, proc = runs["seq"], runs["proc"]
+    for key in ("sampled", "clients", "epsilon", "train_loss", "clipped"):
+        assert [m[key] for m in seq.metrics] == [m[key] for m in proc.metrics], key
+    a = load_file(str(tmp_path / "seq" / "checkpoints" / "round-0003.safetensors"))
+    b = load_file(str(tmp_path / "proc" / "checkpoints" / "round-0003.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+
+def test_worker_processes_stream_in_order_and_an_early_close_leaves_none_busy():
+    torch.set_num_threads(_worker_threads())  # the reference below trains with the workers' kernels
+    sim = Simulation(load_config(None, [*TINY, "workers=2", "worker_kind=process"]))
+    try:
+        state = dp_fedavg.init(sim.algo, get_params(sim.model))
+        stream = sim.contributions(state, list(range(10)))
+        first = [next(stream) for _ in range(3)]
+        assert [c.client_id for c in first] == [sim.corpus.clients[i].client_id for i in range(3)]
+        stream.close()  # a consumer that stops early: the updates in flight are drained
+        assert sim._pool is not None and not any(sim._pool._busy)
+        # the pool still serves the next stream, and each update is the sequential one to the bit
+        again = list(sim.contributions(state, [0, 1, 2]))
+        for i, c in enumerate(again):
+            cid = sim.corpus.clients[i].client_id
+            ref = simulation.local_train(sim.model, state.params, sim.train_tokens[i], sim.local,
+                                         simulation.client_generator(sim.cfg, state.round, cid))
+            assert c.client_id == cid and c.weight == float(ref.num_tokens)
+            assert all(torch.equal(c.update[k], ref.update[k]) for k in ref.update)
+        # a client a worker cannot train: an error naming it, and the pool is never read again
+        from privlm.runtime.workers import WorkerError
+
+        pool = sim._pool
+        with pytest.raises(WorkerError, match=r"client nobody: training failed in privlm-client-0"):
+            list(pool.train(state.params, 0, [("nobody", 10**9)]))
+        assert pool.broken
+        with pytest.raises(WorkerError, match="stopped after an error"):
+            list(pool.train(state.params, 0, [("x", 0)]))
+        assert [c.client_id for c in sim.contributions(state, [4])] == [sim.corpus.clients[4].client_id]
+        assert sim._pool is not pool  # the simulation started new workers
+    finally:
+        sim.close()
+    assert _no_worker_processes_left()
+
+
+def test_a_killed_worker_process_stops_the_run_with_its_round_paid(tmp_path):
+    import json
+    import os
+    import signal
+
+    from privlm.runtime.workers import WorkerError
+
+    sim = Simulation(load_config(None, [*TINY, "workers=2", "worker_kind=process"]))
+    killed = []
+
+    def kill_a_worker(row):
+        if not killed:
+            killed.append(sim._pool.pids[1])
+            os.kill(killed[0], signal.SIGKILL)
+        return False
+
+    with pytest.raises(WorkerError, match=r"privlm-client-1 .* exited with code -9"):
+        sim.run(tmp_path / "run", progress=False, stop_when=kill_a_worker)
+    assert _no_worker_processes_left()
+    record = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    assert record["rounds_spent"] == 2  # round 2 was paid before its clients trained, and stays paid

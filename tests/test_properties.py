@@ -56,9 +56,9 @@ def _assert_one_line(message: str) -> None:
 SECTIONS: dict[str, tuple[str, ...]] = {
     name: tuple(field.annotation.model_fields)  # type: ignore[union-attr]
     for name, field in RunConfig.model_fields.items()
-    if name not in ("seed", "runtime", "device", "workers")
+    if name not in ("seed", "runtime", "device", "workers", "worker_kind")
 }
-KNOWN_PATHS = [("seed",), ("runtime",), ("device",), ("workers",)] + [(s, k) for s, keys in SECTIONS.items() for k in keys]
+KNOWN_PATHS = [("seed",), ("runtime",), ("device",), ("workers",), ("worker_kind",)] + [(s, k) for s, keys in SECTIONS.items() for k in keys]
 
 # Values a key might plausibly be given, good ones included so that valid configs come up too.
 GOOD = {
@@ -100,6 +100,7 @@ GOOD = {
     "runtime": ["simulation", "flower-simulation"],
     "device": ["cpu", "auto", "cuda:1"],
     "workers": [1, 2, 256],
+    "worker_kind": ["thread", "process"],
     "data.pseudo_users": [1, 4],
     "flower.round_timeout": [1.0, 300.0],
     "flower.node_wait": [0.5, 120.0],

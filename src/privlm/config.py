@@ -274,10 +274,13 @@ class RunConfig(_Section):
     # available). The server's state, clipping, noise and accounting stay in host memory.
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$")
     # In-process simulation: how many sampled clients train at once, each on its own copy of
-    # the model in its own thread (updates still reach the server one by one, in order, so
-    # results equal workers = 1, except with dropout). With workers > 1 on the CPU, torch uses
-    # cpus // workers threads per operation. User-level and non-private runs only.
+    # the model (updates still reach the server one by one, in order, so results equal
+    # workers = 1). worker_kind "thread": in threads of this process (with dropout, not
+    # bit-reproducible; on the CPU torch then uses cpus // workers threads per operation);
+    # "process": in spawned processes, CPU only, which also use the cores on small clients
+    # whose work holds the GIL. User-level and non-private runs only.
     workers: int = Field(1, gt=0, le=256)
+    worker_kind: Literal["thread", "process"] = "thread"
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))

@@ -45,6 +45,7 @@ from privlm.federated.dp_sgd import ExampleDP, dp_sgd_train, record_windows, sil
 from privlm.federated.server_opt import ServerOptimizer
 from privlm.runtime.training import (build_model, client_generator, derived_seed, from_checkpoint,
                                      resolve_device, seed_torch, to_checkpoint)
+from privlm.runtime.workers import ProcessWorkers
 from privlm.privacy.accountant import (
     calibrate_noise_multiplier,
     default_delta,
@@ -168,13 +169,19 @@ class Simulation:
         self.device = resolve_device(c)  # local training and evaluation; server state stays on the host
         self.model.to(self.device)
         self._replicas: list[torch.nn.Module] = []  # workers > 1: one model copy per training thread
+        self._pool: ProcessWorkers | None = None  # worker_kind = "process": started by the first round
+        threads = c.workers > 1 and c.worker_kind == "thread"
+        if c.workers > 1 and c.worker_kind == "process" and self.device.type != "cpu":
+            raise ConfigError(f"worker_kind: \"process\" trains on the CPU, but device is {c.device!r}; "
+                              "use worker_kind = \"thread\" on a GPU")
         # Dropout draws from torch's one global generator; with clients in parallel threads the
         # order of draws, and so the masks, depend on timing: such a run is not reproducible.
-        self._racing_dropout = c.workers > 1 and _has_dropout(self.model)
+        # (A worker process seeds its own generator for each client, as workers = 1 does.)
+        self._racing_dropout = threads and _has_dropout(self.model)
         if self._racing_dropout:
             log.warning("workers = %d with dropout: dropout masks depend on thread timing, so this "
                         "run is not bit-reproducible (a resumed round is paid for again)", c.workers)
-        if c.workers > 1 and self.device.type == "cpu":
+        if threads and self.device.type == "cpu":
             # W clients at once, each with cpus // W threads per op: small models gain more
             # from that than from intra-op threads (benchmarks/RESULTS.md, issue #3)
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -292,7 +299,10 @@ class Simulation:
                       ) -> Iterator[dp_fedavg.Contribution]:
         """Local training of each sampled client, yielded one at a time (streamed)."""
         if self.cfg.workers > 1:  # user-level or non-private (example mode refuses workers)
-            yield from self._parallel_contributions(state, ids, on_client)
+            if self.cfg.worker_kind == "process":
+                yield from self._process_contributions(state, ids, on_client)
+            else:
+                yield from self._parallel_contributions(state, ids, on_client)
             yield from self._update_canaries(state)
             return
         for i in ids:
@@ -355,6 +365,38 @@ class Simulation:
                     yield self._user_contribution(res, cid0)
         finally:  # also when the consumer stops early (a rejected round, a crash): no stray work
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _process_contributions(self, state: dp_fedavg.ServerState, ids: list[int], on_client=None
+                               ) -> Iterator[dp_fedavg.Contribution]:
+        """``workers`` clients train at once in worker processes (``privlm.runtime.workers``).
+
+        Each process trains with the same ``local_train`` and per-client generator as the
+        sequential loop, and the updates come back in the order of ``ids``.
+        """
+        self._start_workers()
+        tasks = [(self.corpus.clients[i].client_id, i) for i in ids]
+        stream = self._pool.train(state.params, state.round, tasks)
+        try:
+            for cid, res in stream:
+                if on_client:
+                    on_client()
+                yield self._user_contribution(res, cid)
+        finally:
+            stream.close()  # now, not whenever the generator is collected
+
+    def _start_workers(self) -> None:
+        """Start the worker processes (``worker_kind = "process"``), or new ones after an error."""
+        if self.cfg.workers > 1 and self.cfg.worker_kind == "process" and not self.example:
+            if self._pool is not None and self._pool.broken:
+                self.close()
+            if self._pool is None:
+                self._pool = ProcessWorkers(self.cfg, self.cfg.workers, self.train_tokens)
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (``run`` does this when it returns or fails)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def _update_canaries(self, state: dp_fedavg.ServerState) -> Iterator[dp_fedavg.Contribution]:
         """The audit's included white-box canaries, each Poisson-sampled with q like any user.
@@ -421,8 +463,10 @@ class Simulation:
         rd.lock()  # one live run per directory; released by the kernel if we die
         try:
             state, metrics = self._resume(rd) if resume else self._start(rd)
+            self._start_workers()  # before any round is paid: a worker that cannot start costs no budget
             return self._loop(rd, state, metrics, progress, stop_when)
         finally:
+            self.close()
             rd.unlock()
 
     def _start(self, rd: RunDir, restart: bool = False) -> tuple[dp_fedavg.ServerState, list[dict]]:
