@@ -6,7 +6,6 @@ with a tokenizer trained here, to a temp directory (no download)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from privlm.models.hf import resolve_model_path
 from privlm.models.tokenizer import train_bpe
 from privlm.privacy.mechanism import clip_update, global_l2_norm
 from privlm.runtime.simulation import Simulation
+from privlm.runtime.training import threads_per_worker
 
 transformers = pytest.importorskip("transformers")
 
@@ -205,7 +205,7 @@ def test_parallel_clients_train_lora_as_one_at_a_time(tiny_model, tmp_path, capl
     try:
         for w in (1, 2, "p"):
             # the same kernels each time: cpus // 2 threads, what 2 threads or 2 processes get
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // 2))
+            torch.set_num_threads(threads_per_worker(2))
             extra = ["workers=2", "worker_kind=process"] if w == "p" else [f"workers={w}"]
             sims[w] = Simulation(_cfg(tiny_model, "privacy.seeded_noise=true", "client.optimizer=sgd", *extra))
             sims[w].run(tmp_path / str(w), progress=False)

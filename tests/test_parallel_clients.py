@@ -104,9 +104,9 @@ def _no_worker_processes_left() -> bool:
 
 def _worker_threads() -> int:
     """The torch threads each of 2 worker processes gets (cpus // 2), for a same-kernels reference."""
-    import os
+    from privlm.runtime.training import threads_per_worker
 
-    return max(1, len(os.sched_getaffinity(0)) // 2)
+    return threads_per_worker(2)
 
 
 def test_update_bytes_round_trip_for_mixed_dtypes_and_sizes():

@@ -105,8 +105,7 @@ def make_optimizer(model: nn.Module, cfg: LocalTraining, fused: bool = True) -> 
 def _fused_adam_ok(params: list[torch.Tensor]) -> bool:
     """Whether torch's fused Adam takes these parameters: float32/64/16/bf16 on the CPU or CUDA."""
     ok = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
-    return bool(params) and all(p.dtype in ok and p.device.type in ("cpu", "cuda") and not p.is_sparse
-                                for p in params)
+    return bool(params) and all(p.dtype in ok and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def local_train(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import queue
 import secrets
 import time
@@ -44,7 +43,7 @@ from privlm.federated.client import ClientResult, LocalTraining, evaluate, get_p
 from privlm.federated.dp_sgd import ExampleDP, dp_sgd_train, record_windows, silo_round_event, steps_per_round
 from privlm.federated.server_opt import ServerOptimizer
 from privlm.runtime.training import (build_model, client_generator, derived_seed, from_checkpoint,
-                                     resolve_device, seed_torch, to_checkpoint)
+                                     resolve_device, seed_torch, threads_per_worker, to_checkpoint)
 from privlm.runtime.workers import ProcessWorkers
 from privlm.privacy.accountant import (
     calibrate_noise_multiplier,
@@ -169,7 +168,7 @@ class Simulation:
         self.device = resolve_device(c)  # local training and evaluation; server state stays on the host
         self.model.to(self.device)
         self._replicas: list[torch.nn.Module] = []  # workers > 1: one model copy per training thread
-        self._pool: ProcessWorkers | None = None  # worker_kind = "process": started by the first round
+        self._pool: ProcessWorkers | None = None  # worker_kind = "process": started by run()
         threads = c.workers > 1 and c.worker_kind == "thread"
         if c.workers > 1 and c.worker_kind == "process" and self.device.type != "cpu":
             raise ConfigError(f"worker_kind: \"process\" trains on the CPU, but device is {c.device!r}; "
@@ -184,8 +183,7 @@ class Simulation:
         if threads and self.device.type == "cpu":
             # W clients at once, each with cpus // W threads per op: small models gain more
             # from that than from intra-op threads (benchmarks/RESULTS.md, issue #3)
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            torch.set_num_threads(max(1, cpus // c.workers))
+            torch.set_num_threads(threads_per_worker(c.workers))
         self.tokenizer = tok
         self.train_tokens = [tok.encode(cl.train) for cl in self.corpus.clients]
         rng = np.random.default_rng([c.seed, 0, 2])
@@ -386,7 +384,7 @@ class Simulation:
 
     def _start_workers(self) -> None:
         """Start the worker processes (``worker_kind = "process"``), or new ones after an error."""
-        if self.cfg.workers > 1 and self.cfg.worker_kind == "process" and not self.example:
+        if self.cfg.workers > 1 and self.cfg.worker_kind == "process":  # (example mode refuses workers)
             if self._pool is not None and self._pool.broken:
                 self.close()
             if self._pool is None:

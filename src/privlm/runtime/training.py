@@ -8,6 +8,7 @@ simulation, so a node never loads the accountant).
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 
 import torch
@@ -71,6 +72,12 @@ def client_generator(cfg: RunConfig, round_index: int, client_id: str) -> torch.
         seed = secrets.randbits(63)
         seed_torch(secrets.randbits(63))
     return torch.Generator().manual_seed(seed)
+
+
+def threads_per_worker(workers: int) -> int:
+    """torch threads for each of ``workers`` clients trained at once: the usable CPUs // workers."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // workers)
 
 
 def seed_torch(seed: int) -> None:

@@ -22,6 +22,7 @@ paid), and every worker exits when the simulation closes or its pipe does.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import tempfile
@@ -33,6 +34,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from privlm.federated.client import ClientResult, LocalTraining, local_train
+from privlm.runtime.training import build_model, client_generator, threads_per_worker
 
 Params = dict[str, torch.Tensor]
 
@@ -58,7 +60,7 @@ def _to_bytes(tensors: list[torch.Tensor]) -> memoryview:
 
 def _from_bytes(buf: bytearray, layout: list[list]) -> Params:
     """Tensors by name from :func:`_to_bytes`'s bytes and their (name, dtype, shape) layout."""
-    sizes = [_dtype(dtype).itemsize * _numel(shape) for _, dtype, shape in layout]
+    sizes = [_dtype(dtype).itemsize * math.prod(shape) for _, dtype, shape in layout]
     if sum(map(_padded, sizes)) != len(buf):
         raise ValueError(f"{len(buf)} bytes for a layout of {sum(map(_padded, sizes))}")
     raw = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
@@ -76,13 +78,6 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _layout(params: Params) -> list[list]:
     """``[name, dtype, shape]`` per tensor, as it reads back from JSON."""
     return [[k, str(v.dtype), list(v.shape)] for k, v in params.items()]
@@ -91,8 +86,6 @@ def _layout(params: Params) -> list[list]:
 def _worker_main(conn: Connection, cfg, threads: int, tokens_path: str) -> None:  # cfg: RunConfig
     """A worker process: build the model, then train the clients it is sent until told to stop."""
     import numpy as np
-
-    from privlm.runtime.training import build_model, client_generator
 
     torch.set_num_threads(threads)
     c = cfg.client
@@ -153,7 +146,6 @@ class ProcessWorkers:
     def __init__(self, cfg, workers: int, tokens: list[torch.Tensor]) -> None:
         import numpy as np
 
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         ctx = mp.get_context("spawn")  # never fork a process that has torch's threads running
         self._conns: list[Connection] = []
         self._procs: list = []
@@ -171,7 +163,7 @@ class ProcessWorkers:
                     if tokens else np.zeros(0, dtype=np.int64))
             for i in range(workers):
                 parent, child = ctx.Pipe(duplex=True)
-                p = ctx.Process(target=_worker_main, args=(child, cfg, max(1, cpus // workers), path),
+                p = ctx.Process(target=_worker_main, args=(child, cfg, threads_per_worker(workers), path),
                                 daemon=True, name=f"privlm-client-{i}")
                 p.start()
                 child.close()
