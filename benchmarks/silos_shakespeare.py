@@ -39,7 +39,9 @@ def main() -> None:
     ]
     results = []
     for eps in args.epsilons.split(","):
-        mode = ["privacy.mode=none"] if eps == "none" else ["privacy.mode=example", f"privacy.target_epsilon={eps}"]
+        # The mechanism is public: q = batch / max_records (a declared bound on lines per silo).
+        mode = ["privacy.mode=none"] if eps == "none" else ["privacy.mode=example", f"privacy.target_epsilon={eps}",
+                                                            "privacy.example.max_records=20000"]
         cfg = load_config(None, [*common, *mode])
         cfg.eval.max_clients = None
         t0 = time.time()

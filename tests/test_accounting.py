@@ -53,13 +53,52 @@ def test_cached_round_pld_gives_the_stock_accountants_epsilon_to_the_bit():
     assert epsilon_for([round_event(0.1, 0.0)], 1e-5) == math.inf
 
 
-def test_pld_discretization_is_a_tight_upper_bound():
-    """Our coarser PLD grid never reports less than the library default, and barely more."""
-    for q, z, T in [(0.05, 0.56, 40), (0.01, 1.0, 500), (0.2, 2.0, 10)]:
-        fine = pld.PLDAccountant()  # library default grid, 1e-4
-        fine.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), T)
-        ours = epsilon(q, z, T, 1e-5, "pld")
-        assert fine.get_epsilon(1e-5) - 1e-9 <= ours <= fine.get_epsilon(1e-5) + 1e-3
+def _stock(q: float, z: float, T: int, delta: float, interval: float = 1e-4) -> float:
+    """dp-accounting's PLDAccountant at its default discretization (1e-4), untouched."""
+    acc = pld.PLDAccountant() if interval == 1e-4 else pld.PLDAccountant(value_discretization_interval=interval)
+    acc.compose(dp_accounting.SelfComposedDpEvent(round_event(q, z), T))
+    return acc.get_epsilon(delta)
+
+
+def test_the_old_coarse_grid_overstated_epsilon_where_dp_fl_lives():
+    """Issue #18.6: at q = 0.002, z = 1.3, T = 5,000, delta = 1e-7 the 1e-3 grid said 0.61295;
+    the stock accountant at its default grid says 0.59828, and so must privlm."""
+    q, z, T, d = 0.002, 1.3, 5000, 1e-7
+    stock = _stock(q, z, T, d)
+    assert _stock(q, z, T, d, interval=1e-3) > stock * 1.02  # what privlm reported before
+    assert epsilon(q, z, T, d) == stock == pytest.approx(0.59828, abs=1e-5)
+    assert PLD_DISCRETIZATION == 1e-4
+
+
+# q in [1e-4, 1], z in [0.3, 10]; T kept small enough for CI (benchmarks/accounting.py runs
+# the full grid, T up to 10,000).
+GRID = [(q, z, T) for q in (1e-4, 0.01, 1.0) for z in (0.3, 1.0, 10.0) for T in (1, 40)] + [
+    (0.002, 1.3, 2000), (0.02, 0.46, 50), (0.05, 0.56, 40), (0.2, 2.0, 10)]
+
+
+@pytest.mark.parametrize("q,z,T", GRID)
+def test_epsilon_is_the_stock_accountants_at_its_default_grid(q, z, T):
+    assert epsilon(q, z, T, 1e-6) == _stock(q, z, T, 1e-6)
+
+
+def test_epsilon_never_decreases_with_rounds():
+    """What BudgetCheck's bisection relies on, on dp-accounting's numbers."""
+    for q, z in [(1.0, 0.5), (0.02, 0.46), (0.3, 3.0), (1e-3, 0.3)]:
+        eps = [epsilon(q, z, t, 1e-5) for t in range(1, 41)]
+        assert all(a <= b for a, b in zip(eps, eps[1:])), (q, z)
+
+
+@pytest.mark.parametrize("budget", [0.5, 2.0, 7.9, 1e6])
+def test_budget_check_allows_exactly_what_a_round_by_round_check_allows(budget):
+    from privlm.privacy.accountant import BudgetCheck
+
+    prefix = [round_event(0.05, 0.8)] * 3
+    event = round_event(0.05, 1.1)
+    check = BudgetCheck(prefix, event, 1e-5, "pld", budget, horizon=40)
+    brute = [epsilon_for([*prefix, *[event] * n], 1e-5) <= budget for n in range(1, 41)]
+    assert [check.allows(n) for n in range(1, 41)] == brute
+    assert check.evaluations <= 8  # log2(40) + 1 accountant calls, not 40
+    assert BudgetCheck(prefix, event, 1e-5, "pld", None, horizon=40).allows(40)
 
 
 def test_ledger_epsilon_equals_round_by_round_composition():

@@ -24,12 +24,14 @@ from privlm.federated.dp_sgd import (
 from privlm.models import GPT, GPTConfig
 from privlm.privacy.accountant import PLD_DISCRETIZATION
 from privlm.privacy.mechanism import clip_update
+from privlm.errors import ConfigError
 from privlm.runtime.simulation import Simulation
 
 BASE = ["privacy.mode=example", "data.num_clients=40", "data.silos=4", "federation.rounds=3",
         "federation.clients_per_round=4", "client.local_steps=3", "client.batch_size=8",
         "model.n_embd=16", "model.n_layer=1", "model.n_head=2", "model.block_size=32",
-        "privacy.clip_norm=1.0", "eval.max_clients=4", "privacy.seeded_noise=true"]
+        "privacy.clip_norm=1.0", "eval.max_clients=4", "privacy.seeded_noise=true",
+        "privacy.example.sampling_rate=0.05", "privacy.example.max_records=2000"]
 
 
 def _explicit_clipped_sum(model, x, y, clip_norm):
@@ -93,6 +95,35 @@ def test_empty_poisson_batches_are_noise_only_steps():
     assert flat.std().item() == pytest.approx(0.2, rel=0.05)
 
 
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_a_clipped_records_gradient_never_exceeds_c(mode):
+    """Issue #18.5 in example mode: clip C set just below each record's own gradient norm."""
+    from privlm.federated.dp_sgd import ExampleDP, _dp_optimizer, _clipped_backward, _per_sample_grads
+    from privlm.federated.client import make_optimizer
+
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_embd=16, n_head=2))
+    with torch.no_grad():  # large gradients (norms ~200): Opacus's C / (norm + 1e-6) in float32 exceeded C
+        for p in model.parameters():
+            p.mul_(10)
+    x, y, _ = record_windows([torch.randint(0, 256, (n,)) for n in (9, 14, 17, 6, 12, 15)], 16)
+    worst = 0.0
+    for i in range(x.size(0)):
+        full = clipped_sum_of_record_grads(model, x[i:i + 1], y[i:i + 1], 1e9, mode)
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in full.values())))
+        for rel in (1e-9, 1e-8, 1e-7, 3e-7, 1e-6, 1e-5):
+            clip = norm * (1 - rel)
+            with _per_sample_grads(model, mode, clip) as gsm:
+                opt = _dp_optimizer(make_optimizer(model, LocalTraining(lr=0.0, optimizer="sgd")),
+                                    ExampleDP(1.0, 0.0, clip, mode), 1, np.random.default_rng(0))
+                opt.zero_grad(set_to_none=True)
+                _clipped_backward(gsm, opt, x[i:i + 1], y[i:i + 1], mode)
+                opt.clip_and_accumulate()
+                got = float(torch.sqrt(sum((p.summed_grad.double() ** 2).sum() for p in opt.params)))
+            worst = max(worst, got / clip)
+    assert worst <= 1.0, worst
+
+
 def _direct_epsilon(q, z, steps, delta):
     acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
@@ -120,30 +151,64 @@ def test_each_silo_epsilon_equals_a_direct_dp_accounting_computation(tmp_path):
     assert res.eval_loss < np.log(256)
 
 
-def test_a_silo_over_its_budget_stops_contributing_and_the_others_go_on(tmp_path):
-    # Fixed noise; silos differ in size, hence in q and cost. The budget is exactly what the
-    # cheapest silo spends in 3 rounds: it runs them all, dearer silos stop when they must.
+def test_silos_over_the_budget_stop_contributing(tmp_path):
+    # Every silo runs the same public mechanism; the budget is what 2 of the 3 rounds cost.
     probe = Simulation(load_config(None, [*BASE, "privacy.noise_multiplier=1.0", "privacy.target_epsilon=100"]))
     delta = probe.cfg.privacy.delta
-    costs = {s.silo_id: [_direct_epsilon(s.dp.sampling_rate, 1.0, k * s.steps, delta) for k in (1, 2, 3)]
-             for s in probe.silos.values()}
-    budget = min(c[2] for c in costs.values()) * (1 + 1e-6)
-    rounds_paid = {sid: sum(1 for e in c if e <= budget) for sid, c in costs.items()}
-    assert sorted(rounds_paid.values())[0] < 3 == max(rounds_paid.values())  # a real split
+    (plan,) = {(s.dp.sampling_rate, s.steps) for s in probe.silos.values()}  # one mechanism for all
+    costs = [_direct_epsilon(plan[0], 1.0, k * plan[1], delta) for k in (1, 2, 3)]
+    budget = (costs[1] + costs[2]) / 2
     cfg = load_config(None, [*BASE, "privacy.noise_multiplier=1.0", f"privacy.max_epsilon={budget}",
                              "privacy.target_epsilon=100"])
     res = Simulation(cfg).run(tmp_path / "run", progress=False)
     priv = json.loads((res.run_dir / "privacy.json").read_text())
-    by = {s["silo"]: s for s in priv["silos"]}
-    assert res.rounds_completed == 3 and not res.stopped
-    for sid, k in rounds_paid.items():
-        assert sum(1 for e in priv["ledger"] if e["silo"] == sid) == k
-        assert (by[sid]["stopped"] is None) == (k == 3)
-        if k < 3:
-            assert f"round {k + 1}" in by[sid]["stopped"]
-        assert by[sid]["epsilon"] <= budget
-    assert [m["clients"] for m in res.metrics] == [sum(1 for k in rounds_paid.values() if k >= r)
-                                                  for r in (1, 2, 3)]
+    assert res.rounds_completed == 2 and "every silo has reached its budget" in res.stopped
+    for s in priv["silos"]:
+        assert sum(1 for e in priv["ledger"] if e["silo"] == s["silo"]) == 2
+        assert "round 3" in s["stopped"] and s["epsilon"] == pytest.approx(costs[1], rel=1e-9)
+        assert s["epsilon"] <= budget
+
+
+def _silo_corpus(extra_record: bool):
+    from privlm.data.corpus import ClientData, FederatedCorpus
+
+    lines = [f"patient {i} came in with a cough and a mild fever on day {i % 7}" for i in range(120)]
+    other = [f"record {i}: follow-up visit, blood pressure normal, no new complaints" for i in range(90)]
+    first = lines + (["one more record that only one of the two datasets has"] if extra_record else [])
+    clients = (ClientData("a", "\n".join(first), "held-out text of a\n"),
+               ClientData("b", "\n".join(other), "held-out text of b\n"))
+    return FederatedCorpus("two-silos", clients, {})
+
+
+def test_the_example_level_mechanism_does_not_depend_on_a_silos_record_count(tmp_path):
+    """Issue #18.1: q, steps, z and delta are public; a record more or less changes none of them,
+    and privacy.json (which publishes no record count) is the same byte for byte."""
+    args = ["privacy.mode=example", "federation.rounds=2", "federation.clients_per_round=2",
+            "client.batch_size=8", "model.n_embd=16", "model.n_layer=1", "model.n_head=2",
+            "model.block_size=32", "privacy.target_epsilon=2", "privacy.example.max_records=500",
+            "eval.max_clients=2", "privacy.seeded_noise=true", "data.scrub.enabled=false"]
+    plans, records = [], []
+    for extra in (False, True):
+        sim = Simulation(load_config(None, args), corpus=_silo_corpus(extra))
+        plans.append([(s.dp, s.steps) for s in sim.silos.values()])
+        sim.run(tmp_path / f"run-{extra}", progress=False)
+        records.append((tmp_path / f"run-{extra}" / "privacy.json").read_text())
+        delta = sim.cfg.privacy.delta
+        assert delta == pytest.approx(500 ** -1.1)
+    assert plans[0] == plans[1]
+    assert plans[0][0][0].sampling_rate == 8 / 500  # client.batch_size / max_records
+    assert records[0] == records[1]
+    assert '"records"' not in records[0]
+
+
+def test_example_level_refuses_a_mechanism_it_would_derive_from_the_data():
+    args = [a for a in BASE if not a.startswith("privacy.example.")]
+    with pytest.raises(ConfigError, match="privacy.example.sampling_rate"):
+        Simulation(load_config(None, args))
+    with pytest.raises(ConfigError, match="privacy.example.max_records"):
+        Simulation(load_config(None, [*args, "privacy.example.sampling_rate=0.1"]))
+    with pytest.raises(ConfigError, match="more records than the declared bound"):
+        Simulation(load_config(None, [*args, "privacy.example.max_records=3"]))
 
 
 def test_seeded_example_runs_are_reproducible(tmp_path):

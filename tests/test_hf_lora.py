@@ -169,7 +169,8 @@ def test_from_scratch_transformer_with_a_trained_bpe_tokenizer(tokenizer_dir, tm
 
 def test_example_level_dp_sgd_with_a_lora_model(tiny_model, tmp_path):
     cfg = _cfg(tiny_model, "privacy.mode=example", "data.silos=2", "federation.clients_per_round=2",
-               "federation.rounds=1", "privacy.target_epsilon=5", "privacy.noise_multiplier=1.0")
+               "federation.rounds=1", "privacy.target_epsilon=5", "privacy.noise_multiplier=1.0",
+               "privacy.example.sampling_rate=0.1", "privacy.example.max_records=100000")
     sim = Simulation(cfg)
     base_before = {n: p.detach().clone() for n, p in sim.model.named_parameters() if not p.requires_grad}
     res = sim.run(tmp_path / "run", progress=False)

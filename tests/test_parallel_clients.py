@@ -140,9 +140,10 @@ def test_worker_processes_give_the_sequential_run_even_with_dropout(tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
 
 
-def test_worker_processes_stream_in_order_and_an_early_close_leaves_none_busy():
+def test_worker_processes_stream_in_order_and_an_early_close_leaves_none_busy(tmp_path):
     torch.set_num_threads(_worker_threads())  # the reference below trains with the workers' kernels
     sim = Simulation(load_config(None, [*TINY, "workers=2", "worker_kind=process"]))
+    sim.workdir = tmp_path  # (run() sets it to the run directory)
     try:
         state = dp_fedavg.init(sim.algo, get_params(sim.model))
         stream = sim.contributions(state, list(range(10)))
@@ -195,3 +196,173 @@ def test_a_killed_worker_process_stops_the_run_with_its_round_paid(tmp_path):
     assert _no_worker_processes_left()
     record = json.loads((tmp_path / "run" / "privacy.json").read_text())
     assert record["rounds_spent"] == 2  # round 2 was paid before its clients trained, and stays paid
+
+
+# ------------------------------------------- the clients' tokens on disk (issue #18)
+
+def _private_temp_folder(tmp_path, monkeypatch):
+    """An empty temp folder for this process and the processes it starts: anything written there shows."""
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def _tokens_in(folder, tokens: list[torch.Tensor]) -> list:
+    """privlm's entries in ``folder``, and the files anywhere under it that hold a client's tokens
+    (as the workers read them: int64); torch's own caches may be there too."""
+    needles = [t.reshape(-1)[:64].to(torch.int64).numpy().tobytes() for t in tokens if t.numel() >= 16]
+    mine = [p for p in folder.iterdir() if p.name.startswith(("privlm", ".privlm"))]
+    return mine + [p for p in folder.rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)]
+
+
+def test_worker_processes_keep_the_clients_tokens_in_the_run_dir_only_while_they_start(tmp_path, monkeypatch):
+    """The tokens' file is written in the run directory, owner-only (whatever the umask), and
+    unlinked once every worker has mapped it: nothing is left in the temp folder or on disk."""
+    import os
+    import stat
+
+    from privlm.runtime import workers
+
+    torch.set_num_threads(_worker_threads())  # the reference below trains with the workers' kernels
+    sim = Simulation(load_config(None, TINY))
+    tmp = _private_temp_folder(tmp_path, monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    modes = {}
+    real_write = workers._write_private
+
+    def write(path, array):
+        real_write(path, array)
+        modes[path.name] = stat.S_IMODE(os.stat(path).st_mode)
+
+    monkeypatch.setattr(workers, "_write_private", write)
+    umask = os.umask(0)
+    try:
+        pool = workers.ProcessWorkers(sim.cfg, 2, sim.train_tokens, run)
+    finally:
+        os.umask(umask)
+    try:
+        assert len(modes) == 2 and all(name.startswith(".privlm-worker-tokens-") for name in modes)
+        assert set(modes.values()) == {0o600}
+        assert _tokens_in(tmp, sim.train_tokens) == [] and list(run.iterdir()) == []  # the workers are ready
+        # they still read every client's tokens, and each update is the sequential one to the bit
+        state = dp_fedavg.init(sim.algo, get_params(sim.model))
+        tasks = [(sim.corpus.clients[i].client_id, i) for i in (0, 1, 2, 7)]
+        for (cid, i), (got, res) in zip(tasks, pool.train(state.params, 0, tasks), strict=True):
+            ref = simulation.local_train(sim.model, state.params, sim.train_tokens[i], sim.local,
+                                         simulation.client_generator(sim.cfg, 0, cid))
+            assert got == cid and res.num_tokens == ref.num_tokens
+            assert all(torch.equal(res.update[k], ref.update[k]) for k in ref.update)
+    finally:
+        pool.close()
+    assert _no_worker_processes_left()
+    assert _tokens_in(tmp, sim.train_tokens) == [] and list(run.iterdir()) == []
+
+
+def test_worker_processes_that_cannot_start_leave_no_token_file(tmp_path, monkeypatch):
+    from privlm.runtime.workers import ProcessWorkers, WorkerError
+
+    tmp = _private_temp_folder(tmp_path, monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(None, [*TINY, f"model.tokenizer={tmp_path / 'missing.json'}"])  # fails in the workers
+    tokens = [torch.arange(40), torch.arange(100, 130)]
+    with pytest.raises(WorkerError, match="privlm-client-0 could not start"):
+        ProcessWorkers(cfg, 2, tokens, run)
+    assert _no_worker_processes_left()
+    assert _tokens_in(tmp, tokens) == [] and list(run.iterdir()) == []
+
+
+_OWNER = r"""
+import sys, time
+from pathlib import Path
+
+import torch
+
+from privlm.config import load_config
+from privlm.runtime import workers
+
+phase, run = sys.argv[1], Path(sys.argv[2])
+written = []
+real_write = workers._write_private
+
+
+def write(path, array):
+    real_write(path, array)
+    written.append(path)
+    if phase == "start-up" and len(written) == 2:  # both token files are on disk; no worker yet
+        print("written", flush=True)
+        time.sleep(600)
+
+
+workers._write_private = write
+tokens = [torch.arange(i, i + 50) for i in range(0, 500, 100)]  # as _tokens_in looks for them
+pool = workers.ProcessWorkers(load_config(None, sys.argv[3:]), 2, tokens, run)
+print("started", *pool.pids, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie holds no files
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("phase", ["start-up", "started"])
+def test_a_killed_run_leaves_no_tokens_in_the_temp_folder(tmp_path, monkeypatch, phase):
+    """SIGKILL of the process that owns the workers: after start-up nothing is on disk; during it
+    only the run directory's own token files, which ``remove_stale_token_files`` deletes."""
+    import os
+    import signal
+    import stat
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from privlm.runtime.workers import remove_stale_token_files
+
+    tmp = _private_temp_folder(tmp_path, monkeypatch)  # the owner's temp folder (TMPDIR)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".foo.tmp").write_text("the user's")
+    (run / "notes.npy").write_text("the user's")
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, phase, str(run), *TINY],
+                             stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, owner.kill)  # a hung owner fails the test instead of hanging it
+    watchdog.start()
+    pids: list[int] = []
+    try:
+        said = owner.stdout.readline().split()
+        assert said and said[0] == {"start-up": "written", "started": "started"}[phase], said
+        pids = [int(p) for p in said[1:]]
+        left = sorted(p.name for p in run.glob(".privlm-worker-tokens-*"))
+        if phase == "start-up":
+            assert len(left) == 2
+            assert {stat.S_IMODE(os.stat(run / name).st_mode) for name in left} == {0o600}
+        else:
+            assert len(pids) == 2 and left == []
+        os.kill(owner.pid, signal.SIGKILL)
+        assert owner.wait(timeout=30) == -signal.SIGKILL
+        deadline = time.monotonic() + 30
+        while not all(map(_gone, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(map(_gone, pids))  # the workers exit when their owner's pipes close
+    finally:
+        watchdog.cancel()
+        owner.kill()
+        owner.wait()
+        for pid in pids:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert _tokens_in(tmp, [torch.arange(i, i + 50) for i in range(0, 500, 100)]) == []
+    assert sorted(p.name for p in remove_stale_token_files(run)) == left  # a resume's clean-up
+    assert sorted(p.name for p in run.iterdir()) == [".foo.tmp", "notes.npy"]
+    assert remove_stale_token_files(run) == []

@@ -22,6 +22,7 @@ from privlm.cli import app
 from privlm.config import load_config
 from privlm.errors import DataError
 from privlm.privacy import Ledger, epsilon_for
+from privlm.privacy.ledger import LedgerEntry
 from privlm.rundir import RunDir
 from privlm.runtime.simulation import Simulation, resume
 
@@ -155,8 +156,14 @@ def _broken_copy(reference: Path, tmp_path: Path) -> Path:
     return out
 
 
+def _set_z(entries: list[dict], z: float) -> None:
+    for e in entries:
+        e["event"]["event"]["noise_multiplier"] = z
+
+
 @pytest.mark.parametrize("damage", ["truncate-state", "garbage-privacy", "no-state", "bad-ledger",
-                                    "ledger-gap", "stale-ledger", "other-mode"])
+                                    "ledger-gap", "stale-ledger", "other-mode", "edited-z", "rechained-z",
+                                    "noop-events", "no-head", "foreign-checkpoint"])
 def test_corrupt_files_are_an_error_never_a_fresh_start(tmp_path, reference, damage):
     out = _broken_copy(reference, tmp_path)
     state, priv = out / "state.safetensors", out / "privacy.json"
@@ -178,12 +185,40 @@ def test_corrupt_files_are_an_error_never_a_fresh_start(tmp_path, reference, dam
         rec = json.loads(priv.read_text())
         del rec["ledger"][2]
         priv.write_text(json.dumps(rec))
-        match = "refusing to under-count"
+        match = r"entry 3 \(round 4\): its digest does not match"
     elif damage == "stale-ledger":  # an older privacy.json next to a newer state
         rec = json.loads(priv.read_text())
         del rec["ledger"][-1]
         priv.write_text(json.dumps(rec))
-        match = "saved after 6; refusing to under-count"
+        match = "does not extend the 6 entries paid per ledger-head.json; refusing to under-count"
+    elif damage == "edited-z":  # issue #18.2: every z raised to 5.0 would print a far smaller epsilon
+        rec = json.loads(priv.read_text())
+        _set_z(rec["ledger"], 5.0)
+        priv.write_text(json.dumps(rec))
+        match = r"entry 1 \(round 1\): its digest does not match"
+    elif damage == "rechained-z":  # the same edit with a consistent hash chain and head file
+        rec = json.loads(priv.read_text())
+        _set_z(rec["ledger"], 5.0)
+        forged = Ledger()
+        for e in rec["ledger"]:
+            le = LedgerEntry.from_dict({k: v for k, v in e.items() if k != "digest"})
+            forged.append(le.round, le.event, le.lost, le.silo, le.clip_norm)
+        rec["ledger"] = forged.to_list()
+        priv.write_text(json.dumps(rec))
+        RunDir(out).write_head(len(forged), forged.digest())
+        match = "not the ones state.safetensors was saved after"
+    elif damage == "noop-events":  # NoOpDpEvent costs nothing; no privlm mechanism writes it
+        rec = json.loads(priv.read_text())
+        for e in rec["ledger"]:
+            e["event"] = {"class": "NoOpDpEvent"}
+        priv.write_text(json.dumps(rec))
+        match = "unsupported DP event class 'NoOpDpEvent'"
+    elif damage == "no-head":
+        (out / "ledger-head.json").unlink()
+        match = "ledger-head.json: missing"
+    elif damage == "foreign-checkpoint":  # issue #26.4: a checkpoint this run never made
+        (out / "checkpoints" / "round-0099.safetensors").write_bytes((out / "state.safetensors").read_bytes())
+        match = "round-0099.safetensors: a checkpoint of a round the ledger never paid for"
     else:
         rec = json.loads(priv.read_text())
         rec["mode"] = "example"
@@ -194,6 +229,50 @@ def test_corrupt_files_are_an_error_never_a_fresh_start(tmp_path, reference, dam
         resume(out, progress=False)
     after = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before  # nothing was overwritten
+
+
+def test_a_ledger_entry_deleted_after_a_crash_is_refused(tmp_path):
+    """Issue #18.2: a crash after round 3 was paid; deleting that entry must not un-pay it."""
+    out = tmp_path / "run"
+    _crash(_config(tmp_path, seeded=False), out, "ledger-written:3")
+    priv = out / "privacy.json"
+    rec = json.loads(priv.read_text())
+    assert [e["round"] for e in rec["ledger"]] == [1, 2, 3]
+    del rec["ledger"][-1]
+    priv.write_text(json.dumps(rec))
+    with pytest.raises(DataError, match="does not extend the 3 entries paid"):
+        resume(out, progress=False)
+
+
+def test_a_crash_after_marking_a_round_lost_still_resumes(tmp_path):
+    """The lost mark is an annotation outside the hash chain: privacy.json rewritten with it,
+    ledger-head.json not yet (a crash between the two writes) must still resume."""
+    out = tmp_path / "run"
+    _crash(_config(tmp_path, seeded=False), out, "aggregated:3")
+    priv = out / "privacy.json"
+    rec = json.loads(priv.read_text())
+    rec["ledger"][-1]["lost"] = True
+    priv.write_text(json.dumps(rec))
+    res = resume(out, progress=False)
+    assert res.rounds_completed == ROUNDS
+    assert json.loads(priv.read_text())["rounds_lost"] == 1
+
+
+def test_a_run_resumed_with_other_noise_describes_each_segment(tmp_path, reference):
+    """Issue #18.2: z changed in config.toml on resume; the text names both mechanisms."""
+    out = _broken_copy(reference, tmp_path)
+    cfg = (out / "config.toml").read_text()
+    assert "noise_multiplier = 1.0" in cfg and f"rounds = {ROUNDS}" in cfg
+    (out / "config.toml").write_text(cfg.replace("noise_multiplier = 1.0", "noise_multiplier = 2.0")
+                                     .replace(f"rounds = {ROUNDS}", f"rounds = {ROUNDS + 2}"))
+    resume(out, progress=False)
+    priv = json.loads((out / "privacy.json").read_text())
+    assert priv["rounds_spent"] == ROUNDS + 2
+    text = priv["guarantee"]
+    assert f"rounds 1-{ROUNDS}: q=0.1333, z=1, C=1" in text
+    assert f"rounds {ROUNDS + 1}-{ROUNDS + 2}: q=0.1333, z=2, C=1" in text
+    ledger = Ledger.from_list(priv["ledger"], mode="user")
+    assert priv["epsilon"] == epsilon_for(ledger, priv["delta"], "pld")
 
 
 def test_cli_resume(tmp_path, reference):

@@ -18,6 +18,13 @@ planted secrets and who holds them) and is written with owner-only permissions.
    k+ lowest-NLL canaries and "excluded" for the k- highest, and report the
    largest ε such that that many correct guesses still has p ≥ 0.05 under
    (ε, δ)-DP. If it exceeds the claimed ε, the implementation is broken.
+   Neighbouring relation: a text canary is added to an *existing* client's
+   text, so "included" vs "excluded" differ by modifying one user (replace-one),
+   while the claim is add/remove-one. By group privacy such a pair is only
+   (2ε, (1 + e^ε)δ)-DP, so the right upper bound for this experiment lies
+   between ε and 2ε. Comparing with ε itself is the stricter test: it can raise
+   a false alarm, but never passes a run whose canaries break the bound that
+   actually applies. (White-box update canaries are extra users: add/remove.)
 3. **User-level membership inference**: mean per-token loss on each client's
    training text, training clients vs held-out clients: ROC AUC and TPR at 1% FPR.
 4. **PII in generations**: K samples from prompts that precede PII in the
@@ -309,8 +316,22 @@ def run_audit(run_dir: Path, references: int = 2000, generations: int = 50, gues
     torch_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     claimed = privacy.get("epsilon")
     delta = privacy.get("delta") or 0.0
+    if claimed is None and privacy.get("epsilon_pending"):  # between checkpoints: the ledger's own epsilon
+        from privlm.privacy import Ledger, epsilon_for
+
+        try:
+            claimed = epsilon_for(Ledger.from_list(privacy.get("ledger"), mode=privacy.get("mode")), delta,
+                                  privacy.get("accountant", "pld"))
+        except ValueError as e:
+            raise DataError(f"{rd.privacy_path}: bad ledger ({e})") from None
     result: dict = {"run_dir": str(rd.path), "round": rounds, "claimed_epsilon": claimed, "delta": delta,
-                    "mode": privacy.get("mode"), "unit": privacy.get("unit")}
+                    "mode": privacy.get("mode"), "unit": privacy.get("unit"),
+                    "neighbouring_relation": {
+                        "claim": "add/remove one unit",
+                        "text_canaries": "modify one user (replace-one): the bound that applies is at most "
+                                         "2 x claimed_epsilon by group privacy; compared with claimed_epsilon "
+                                         "itself, the stricter test",
+                        "update_canaries": "add/remove one user"}}
 
     bounds = []
     result["canaries"] = None

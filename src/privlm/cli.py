@@ -151,8 +151,11 @@ def _ledger_epsilon(path: Path, delta: float | None, kind: str) -> tuple[float, 
     from privlm.rundir import read_json
 
     rec = read_json(path / "privacy.json" if path.is_dir() else path)
+    if not isinstance(rec, dict):
+        raise PrivlmError(f"{path}: not a privacy.json record (a JSON object)")
+    mode = rec.get("mode")
     try:
-        led = Ledger.from_list(rec.get("ledger"))
+        led = Ledger.from_list(rec.get("ledger"), mode=mode if mode in ("user", "example", "none") else "user")
     except ValueError as e:
         raise PrivlmError(f"{path}: bad ledger: {e}") from None
     d = delta if delta is not None else rec.get("delta")

@@ -165,8 +165,12 @@ class ServerConfig(_Section):
 
 
 class ExampleLevelConfig(_Section):
-    # q: each record's chance to be in a DP-SGD batch; default client.batch_size / records of the silo
+    # The mechanism depends on public settings only, never on a silo's record count:
+    # q, each record's chance to be in a DP-SGD batch (default: client.batch_size / max_records) ...
     sampling_rate: float | None = Field(None, gt=0, le=1)
+    # ... and a declared public upper bound on records per silo (default delta: max_records^-1.1;
+    # a silo with more records is refused).
+    max_records: int | None = _count(None)
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"  # Opacus per-example gradients
 
 

@@ -3,6 +3,9 @@
     config.toml                         fully resolved configuration
     metrics.jsonl                       one JSON object per round
     privacy.json                        the ledger and the guarantee it implies
+    ledger-head.json                    entries paid and the ledger's chain head (written
+                                        after each ledger write: a ledger shorter than
+                                        this, or not extending it, is refused)
     scrub.json                          PII values replaced per entity type (summed client counts)
     checkpoints/round-NNNN.safetensors  global parameters (round 0 = initial)
     state.safetensors                   resume state: the last completed round's
@@ -83,6 +86,10 @@ class RunDir:
         return self.path / "privacy.json"
 
     @property
+    def head_path(self) -> Path:
+        return self.path / "ledger-head.json"
+
+    @property
     def report_path(self) -> Path:
         return self.path / "report.html"
 
@@ -136,8 +143,29 @@ class RunDir:
     def write_config(self, toml_text: str) -> None:
         atomic_write(self.config_path, toml_text.encode())
 
-    def write_privacy(self, record: dict) -> None:
-        atomic_write(self.privacy_path, (json.dumps(record, indent=2) + "\n").encode())
+    def write_privacy(self, record: dict, ledger_json: str | None = None) -> None:
+        """privacy.json; ``ledger_json`` (the ledger as JSON text, ``Ledger.to_json``) is spliced
+        in as its ``ledger`` key, so a long ledger is not serialised again on every write."""
+        text = json.dumps(record, indent=2)
+        if ledger_json is not None:
+            if "ledger" in record or not text.endswith("\n}"):
+                raise ValueError("give the ledger once: in the record or as ledger_json")
+            text = text[:-2] + ',\n  "ledger": ' + ledger_json + "\n}"
+        atomic_write(self.privacy_path, (text + "\n").encode())
+
+    def write_head(self, entries: int, digest: str) -> None:
+        """How many ledger entries have been paid and their chain head (after privacy.json)."""
+        atomic_write(self.head_path, (json.dumps({"entries": entries, "digest": digest}) + "\n").encode())
+
+    def read_head(self) -> tuple[int, str] | None:
+        if not self.head_path.exists():
+            return None
+        data = read_json(self.head_path)
+        entries, digest = (data.get("entries"), data.get("digest")) if isinstance(data, dict) else (None, None)
+        if not (isinstance(entries, int) and not isinstance(entries, bool) and entries >= 0
+                and isinstance(digest, str)):
+            raise DataError(f"{self.head_path}: corrupt (want {{\"entries\": N, \"digest\": \"...\"}})")
+        return entries, digest
 
     def write_scrub(self, record: dict) -> None:
         atomic_write(self.path / "scrub.json", (json.dumps(record, indent=2) + "\n").encode())
@@ -158,7 +186,7 @@ class RunDir:
 
     def save_state(self, round_index: int, params: dict[str, torch.Tensor],
                    opt_state: dict[str, dict[str, torch.Tensor]], ledger_entries: int = 0,
-                   clip_norm: float | None = None) -> None:
+                   clip_norm: float | None = None, ledger_digest: str = "") -> None:
         """The resume state after ``round_index``: parameters and server-optimizer slots."""
         tensors = {f"params/{k}": v.detach().contiguous() for k, v in params.items()}
         for slot, values in opt_state.items():
@@ -167,7 +195,9 @@ class RunDir:
         # refuses a ledger shorter than that: a stale or swapped privacy.json).
         # One metadata key: safetensors writes several in no fixed order, and the chaos test
         # compares state files byte for byte.
-        info = {"round": round_index, "ledger_entries": ledger_entries}
+        # ledger_digest: the ledger's chain head after those entries (a resume refuses a ledger
+        # whose first ledger_entries entries are not exactly the ones paid then).
+        info = {"round": round_index, "ledger_entries": ledger_entries, "ledger_digest": ledger_digest}
         if clip_norm is not None:  # adaptive clipping: the C of the next round (float repr round-trips)
             info["clip_norm"] = clip_norm
         meta = {"state": json.dumps(info)}
@@ -175,7 +205,7 @@ class RunDir:
 
     # -- reading -----------------------------------------------------------
     def load_state(self) -> tuple[int, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], int,
-                                  float | None]:
+                                  float | None, str | None]:
         """Inverse of :meth:`save_state`; a missing or corrupt file is an error, never a fresh start."""
         path = self.state_path
         if not path.exists():
@@ -187,6 +217,11 @@ class RunDir:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             info = json.loads(meta["state"])
             round_index, ledger_entries = int(info["round"]), int(info["ledger_entries"])
+            digest = info.get("ledger_digest")
+            if digest is not None and not isinstance(digest, str):
+                raise ValueError("ledger_digest is not a string")
+            if round_index < 0 or ledger_entries < 0:
+                raise ValueError(f"round {round_index} / ledger_entries {ledger_entries} is negative")
             clip_norm = float(info["clip_norm"]) if "clip_norm" in info else None
             if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
                 raise ValueError(f"clip_norm {clip_norm} is not a positive number")
@@ -203,7 +238,7 @@ class RunDir:
                 opt_state.setdefault(slot, {})[name] = t
             else:
                 raise DataError(f"{path}: corrupt resume state (unexpected tensor {key!r})")
-        return round_index, params, opt_state, ledger_entries, clip_norm
+        return round_index, params, opt_state, ledger_entries, clip_norm, digest
 
     def read_privacy(self) -> dict:
         return read_json(self.privacy_path)
@@ -220,9 +255,13 @@ class RunDir:
         return rows
 
     def checkpoints(self) -> list[int]:
-        return sorted(
-            int(p.stem.split("-")[1]) for p in (self.path / "checkpoints").glob("round-*.safetensors")
-        )
+        """Rounds of the checkpoints privlm names ``round-NNNN.safetensors``; other files are not its own."""
+        found = []
+        for p in (self.path / "checkpoints").glob("round-*.safetensors"):
+            digits = p.name[len("round-"):-len(".safetensors")]
+            if digits.isascii() and digits.isdigit() and len(digits) >= 4:
+                found.append(int(digits))
+        return sorted(found)
 
     def latest_checkpoint(self) -> tuple[int, dict[str, torch.Tensor]]:
         rounds = self.checkpoints()

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from privlm.privacy.mechanism import CLIP_MARGIN
 from privlm.federated.client import (ClientResult, LocalTraining, make_optimizer, model_device, model_update,
                                      set_params)
 
@@ -141,14 +142,32 @@ def _dp_optimizer(optimizer: torch.optim.Optimizer, dp: ExampleDP, expected_batc
     base = DPOptimizerFastGradientClipping if dp.grad_sample_mode == "ghost" else DPOptimizer
 
     class _Optimizer(base):
-        """Opacus's DPOptimizer with privlm's noise source (float64 draw, CSPRNG key)."""
+        """Opacus's DPOptimizer with privlm's noise source (float64 draw, CSPRNG key) and, for
+        per-record gradients (hooks, functorch), privlm's clipping arithmetic: norms, factors and
+        the sum in float64 with the margin of :func:`privlm.privacy.mechanism.clip_factor`, so a
+        clipped record's gradient never exceeds C (Opacus's own factor C / (norm + 1e-6), in
+        float32, can: ghost clipping keeps it)."""
+
+        if dp.grad_sample_mode != "ghost":
+            def clip_and_accumulate(self) -> None:
+                samples = [self._get_flat_grad_sample(p) for p in self.params]
+                n = len(samples[0]) if samples else 0
+                norms = (torch.stack([g.reshape(n, -1).to(torch.float64).norm(2, dim=-1) for g in samples], 1)
+                         .norm(2, dim=1) if n else torch.zeros(0, dtype=torch.float64))
+                bound = self.max_grad_norm * (1 - CLIP_MARGIN)
+                factor = torch.where(norms > bound, bound / norms.clamp(min=1e-300), torch.ones_like(norms))
+                for p, g in zip(self.params, samples):
+                    _check_processed_flag(p.grad_sample)
+                    grad = torch.einsum("i,i...", factor.to(g.device), g.to(torch.float64))
+                    p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+                    _mark_as_processed(p.grad_sample)
 
         def add_noise(self) -> None:
             std = self.noise_multiplier * self.max_grad_norm
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
                 z = torch.from_numpy(noise.standard_normal(tuple(p.summed_grad.shape))).to(p.summed_grad.device)
-                p.grad = (p.summed_grad.to(torch.float64) + z * std).to(p.summed_grad.dtype).view_as(p)
+                p.grad = (p.summed_grad.to(torch.float64) + z * std).to(p.dtype).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
     return _Optimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
@@ -219,4 +238,4 @@ def clipped_sum_of_record_grads(model: nn.Module, x: torch.Tensor, y: torch.Tens
         if mode == "ghost":  # the second backward pass left the clipped sum in .grad
             return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         opt.clip_and_accumulate()
-        return {n: p.summed_grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: p.summed_grad.detach().to(p.dtype) for n, p in model.named_parameters() if p.requires_grad}

@@ -6,6 +6,48 @@ import math
 
 from privlm.privacy.ledger import Ledger
 
+# A delta above this protects little: with probability up to delta the mechanism may as well
+# publish a user's data, and delta = 1e-3 over N = 1,000 users is one user in expectation.
+WEAK_DELTA = 1e-3
+
+# Files of a run directory computed from clients' data WITHOUT noise: not covered by the
+# guarantee; keep them with the operator. (checkpoints/ and state.safetensors are covered.)
+NOT_COVERED = [
+    "metrics.jsonl (train_loss, clients, sampled, clipped, rejected, dropped, clip_norm, eval_*)",
+    "report.html (its metrics)",
+    "scrub.json (exact counts of PII replaced, per entity type)",
+    "audit.json and audit/ (canary secrets, which clients hold them, attack results)",
+    "logs (warnings such as per-silo truncated-record counts)",
+    ".privlm-worker-tokens-*.npy (raw client tokens; exist only while worker processes start, "
+    "left behind only by a run killed then, and removed by its resume)",
+]
+
+_DEFINITION = ("for any two neighbouring datasets D, D' and any set S of outcomes of the released "
+               "model checkpoints, P[M(D) in S] <= e^epsilon P[M(D') in S] + delta")
+
+
+def weak_delta_warning(delta: float, units: str) -> str | None:
+    """A warning for a delta that means little, or None."""
+    if delta > WEAK_DELTA:
+        return (f"delta = {delta:.3g} is above {WEAK_DELTA:g}: the additive slack delta of the (epsilon, delta) "
+                f"guarantee is large here (there are few {units}), so the guarantee means little; it is marked "
+                "weak in privacy.json. Use more data owners or set privacy.delta lower.")
+    return None
+
+
+def _segments_text(ledger: Ledger) -> str | None:
+    """The mechanism round by round, when the ledger holds more than one (a config changed on resume)."""
+    segs = ledger.segments()
+    if len({(e.event, e.clip_norm) for _, _, e in segs}) <= 1:
+        return None
+    parts = []
+    for first, last, e in segs:
+        ev = e.event
+        q, z = ev.sampling_probability, ev.event.noise_multiplier
+        c = f", C={e.clip_norm:g}" if e.clip_norm is not None else ""
+        parts.append(f"rounds {first}-{last}: q={q:.4g}, z={z:.4g}{c}")
+    return "The mechanism changed during the run; per segment of the ledger: " + "; ".join(parts) + "."
+
 
 def guarantee_record(
     *,
@@ -27,6 +69,7 @@ def guarantee_record(
     population: str | None = None,
     adaptive_clipping: dict | None = None,
     pseudo_users: int | None = None,
+    with_ledger: bool = True,
 ) -> dict:
     """The content of ``privacy.json``.
 
@@ -35,37 +78,45 @@ def guarantee_record(
     this record is checked against it in tests; ``privlm epsilon --ledger``
     recomputes it from the stored ledger.
     """
-    eps = epsilon
+    eps = epsilon  # None: not yet recomputed for this ledger (between checkpoints)
     population = population or f"the {num_clients} clients of the data"
+    weak = mode != "none" and delta > WEAK_DELTA
+    eps_words = f"{eps:.3g}" if eps is not None else "epsilon"
     if mode == "none":
         words = "No differential privacy: this model was trained without clipping or noise."
     elif mode == "example":
         words = (
             f"Example-level (record-level) differential privacy inside each silo: each record of "
-            f"silo s is protected with (epsilon_s, {delta:.3g}): adding or removing one record of "
-            f"that silo changes the probability of any outcome of the released checkpoints by at "
-            f"most a factor e^epsilon_s, except with probability {delta:.3g}. "
+            f"silo s is protected with (epsilon_s, {delta:.3g})-DP, {_DEFINITION.replace('epsilon', 'epsilon_s')}, "
+            f"where D' adds or removes one record of that silo. "
             + " ".join(f"Silo {s['silo']}: epsilon {s['epsilon']:.3g}." for s in silos or [])
             + f" Mechanism: DP-SGD (Opacus per-record gradients) in each silo, per-record L2 "
-            f"clipping to C={clip_norm}, Poisson sampling of records, Gaussian noise on each step's "
-            f"sum; the server's average of the silos' updates is post-processing; "
+            f"clipping to C={clip_norm} (float64 norms and sums; Opacus's float32 factor with ghost "
+            f"clipping), Poisson sampling of records with a public rate q, a public "
+            f"number of steps per round, Gaussian noise on each step's sum (drawn in float64), divided "
+            f"by the public batch size; the server's average of the silos' updates is post-processing; "
             f"{accountant.upper()} accounting. Not protected: a silo's participation or its size, "
             f"and a person with several records is protected only as their records add up "
             f"(group privacy)."
         )
-        words += (" Not covered: the per-round diagnostics in metrics.jsonl and the logs.")
         if seeded_noise:
             words += " WARNING: noise was seeded (test mode); this guarantee does NOT hold."
     else:
         words = (
-            f"User-level ({eps:.3g}, {delta:.3g})-differential privacy: for any one client "
-            f"(user) of the population ({population}), adding or removing all of that "
-            f"user's data changes the probability of any outcome of the released model "
-            f"checkpoints by at most a factor e^{eps:.3g}, except with probability {delta:.3g}. "
+            f"User-level ({eps_words}, {delta:.3g})-differential privacy: {_DEFINITION}, where D' adds or "
+            f"removes all of the data of one client (user) of the population ({population}). "
             f"Mechanism: Poisson sampling with q={sampling_rate:.4g}, per-user L2 clipping to "
-            f"C={clip_norm}, Gaussian noise of std {noise_multiplier:.4g}*C on the sum, "
-            f"{len(ledger)} rounds, {accountant.upper()} accounting."
+            f"C={clip_norm} (norms in float64), Gaussian noise of std {noise_multiplier:.4g}*C on the sum "
+            f"(drawn in float64 from a CSPRNG-keyed generator, then rounded to the parameters' dtype), "
+            f"divided by the expected count q*N; {len(ledger)} rounds, {accountant.upper()} accounting."
         )
+        if eps is None:
+            words += (" Epsilon is recomputed from the ledger at every checkpoint and at the end; "
+                      "until then it is pending (`privlm epsilon --ledger privacy.json` computes it now)"
+                      + (f" and at most the budget {budget:g}, which every round was checked against." if budget
+                         is not None else "."))
+        if (seg := _segments_text(ledger)) is not None:
+            words += " " + seg
         if pseudo_users:
             words += (f" The protected unit is a PSEUDO-USER: each real client's lines were cut into "
                       f"{pseudo_users} parts that take part independently, so one real client is "
@@ -82,17 +133,22 @@ def guarantee_record(
         if ledger.lost:
             words += (f" {ledger.lost} of those rounds were paid for but lost to a crash and"
                       " run again; they are counted.")
-        words += (" Covered: the model checkpoints (and anything computed from them alone)."
-                  " Not covered: the per-round diagnostics in metrics.jsonl and the logs"
-                  " (train_loss, clients, sampled, clipped, rejected, eval_*), which are"
-                  " computed from clients' data without noise: keep them with the operator.")
         if seeded_noise:
             words += " WARNING: noise was seeded (test mode); this guarantee does NOT hold."
+    if mode != "none":
+        words += (" Covered: the model checkpoints and the resume state (and anything computed from them"
+                  " alone). Not covered, as computed from clients' data without noise: "
+                  + "; ".join(NOT_COVERED) + ". Keep those with the operator.")
+        if weak:
+            words += (f" WEAK: delta = {delta:.3g} is above {WEAK_DELTA:g}; with so few units to protect "
+                      "this guarantee means little.")
     return {
         "mode": mode,
         "unit": "pseudo-user" if (mode == "user" and pseudo_users) else {"user": "user", "example": "record"}.get(mode),
         "pseudo_users_per_client": pseudo_users,
-        "epsilon": eps if math.isfinite(eps) else None,
+        "epsilon": eps if eps is not None and math.isfinite(eps) else None,
+        "epsilon_pending": eps is None,
+        "weak": weak,
         "delta": delta if mode != "none" else None,
         "accountant": accountant,
         "noise_multiplier": noise_multiplier if mode == "user" else None,
@@ -108,9 +164,9 @@ def guarantee_record(
         "budget_epsilon": budget,
         "secure_noise": not seeded_noise,
         "stopped": stopped,
-        "covers": ["checkpoints/*.safetensors"] if mode != "none" else [],
+        "covers": ["checkpoints/*.safetensors", "state.safetensors"] if mode != "none" else [],
         "silos": silos,
-        "not_covered": ["metrics.jsonl", "report.html metrics", "logs"],
+        "not_covered": NOT_COVERED,
         "guarantee": words,
-        "ledger": ledger.to_list(),
+        **({"ledger": ledger.to_list()} if with_ledger else {}),  # (else the caller writes Ledger.to_json())
     }

@@ -4,12 +4,25 @@ Entries are plain ``dp_accounting`` event records (frozen ``attrs`` classes)
 with the round they paid for. They are stored as JSON (no pickle): each event
 becomes ``{"class": "PoissonSampledDpEvent", "sampling_probability": ...,
 "event": {"class": "GaussianDpEvent", "noise_multiplier": ...}}``. Loading only
-accepts event classes from ``dp_accounting.dp_event`` on an allow-list, so a
-tampered file cannot make us import or call anything else.
+accepts the event classes privlm writes (an allow-list), so a tampered file
+cannot make us import or call anything else, nor slip in an event such as
+``NoOpDpEvent`` that no privlm mechanism is.
+
+Integrity: each entry carries ``digest``, a SHA-256 hash chain over the entries
+so far (:func:`chain_digest`). Loading recomputes the chain and names the first
+entry that does not match, so an edited, inserted or removed entry is refused; the
+resume state and ``ledger-head.json`` record the chain head they were written
+after, so a stale or truncated ledger, or one whose chain was recomputed without
+also forging both of those, does not extend it and is refused too. The chain has
+no key: it guards against accidents and careless edits, not against someone who
+can rewrite every file of the run directory consistently.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -17,20 +30,58 @@ import attr
 import dp_accounting
 from dp_accounting import dp_event
 
-# Event classes a ledger may hold. Anything else in a file is an error.
+# Event classes a ledger may hold: the ones privlm's mechanisms produce. Anything else
+# in a file is an error (see also check_run_event for the shapes a run may hold).
 _ALLOWED = {
     cls.__name__: cls
     for cls in (
-        dp_event.NoOpDpEvent,
         dp_event.NonPrivateDpEvent,
         dp_event.GaussianDpEvent,
         dp_event.PoissonSampledDpEvent,
         dp_event.SelfComposedDpEvent,
-        dp_event.ComposedDpEvent,
-        dp_event.SampledWithoutReplacementDpEvent,
-        dp_event.SampledWithReplacementDpEvent,
     )
 }
+
+GENESIS = ""  # the chain head of an empty ledger
+
+
+def chain_digest(previous: str, entry: dict) -> str:
+    """SHA-256 over the previous head and the entry's canonical JSON.
+
+    Without its digest, and without ``lost``: marking a paid entry lost (on resume) only
+    annotates it (it stays counted), so it must not change the chain that the resume
+    state and ledger-head.json were written after.
+    """
+    body = {k: v for k, v in entry.items() if k not in ("digest", "lost")}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(f"{previous}\n{text}".encode()).hexdigest()
+
+
+def check_run_event(event: dp_accounting.DpEvent, mode: str) -> str | None:
+    """Why ``event`` cannot be an entry of a privlm run in ``mode``, or None.
+
+    user: ``PoissonSampled(q, Gaussian(z))`` (one DP-FedAvg round); example: that,
+    or it self-composed over a round's DP-SGD steps; none: ``NonPrivate``. Values
+    must be finite and in range (0 < q <= 1, z > 0, steps >= 1).
+    """
+    if mode == "none":
+        return None if isinstance(event, dp_event.NonPrivateDpEvent) else f"{type(event).__name__} in a non-private run"
+    if mode == "example" and isinstance(event, dp_event.SelfComposedDpEvent):
+        if not (isinstance(event.count, int) and not isinstance(event.count, bool) and event.count >= 1):
+            return f"step count {event.count!r} is not a positive integer"
+        event = event.event
+    if not (isinstance(event, dp_event.PoissonSampledDpEvent) and isinstance(event.event, dp_event.GaussianDpEvent)):
+        return f"{type(event).__name__} is not a Poisson-sampled Gaussian mechanism"
+    q, z = event.sampling_probability, event.event.noise_multiplier
+    if not (_real(q) and 0 < q <= 1):
+        return f"sampling probability {q!r} is not in (0, 1]"
+    if not (_real(z) and z > 0):
+        return f"noise multiplier {z!r} is not a finite number > 0"
+    return None
+
+
+def _real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def event_to_dict(event: dp_accounting.DpEvent) -> dict:
@@ -103,11 +154,14 @@ class LedgerEntry:
     event: dp_accounting.DpEvent
     lost: bool = False
     silo: str | None = None  # example-level mode: whose records paid (None: the user population)
+    clip_norm: float | None = None  # user-level, fixed clipping: the C the round clipped to (for the text)
 
     def to_dict(self) -> dict:
         d: dict = {"round": self.round, "event": event_to_dict(self.event)}
         if self.silo is not None:
             d["silo"] = self.silo
+        if self.clip_norm is not None:
+            d["clip_norm"] = self.clip_norm
         if self.lost:
             d["lost"] = True
         return d
@@ -123,10 +177,14 @@ class LedgerEntry:
         silo = data.get("silo")
         if silo is not None and not isinstance(silo, str):
             raise ValueError(f"ledger entry of round {rnd}: 'silo' must be a string")
-        extra = set(data) - {"round", "event", "lost", "silo"}
+        clip = data.get("clip_norm")
+        if clip is not None and not (_real(clip) and clip > 0):
+            raise ValueError(f"ledger entry of round {rnd}: 'clip_norm' must be a number > 0")
+        extra = set(data) - {"round", "event", "lost", "silo", "clip_norm", "digest"}
         if extra:
             raise ValueError(f"ledger entry of round {rnd} has unknown fields {sorted(extra)}")
-        return cls(round=rnd, event=event_from_dict(data.get("event")), lost=lost, silo=silo)
+        return cls(round=rnd, event=event_from_dict(data.get("event")), lost=lost, silo=silo,
+                   clip_norm=None if clip is None else float(clip))
 
 
 class Ledger:
@@ -139,10 +197,21 @@ class Ledger:
     """
 
     def __init__(self, entries: Iterable[LedgerEntry] = ()) -> None:
-        self._entries: list[LedgerEntry] = list(entries)
+        self._entries: list[LedgerEntry] = []
+        self._digests: list[str] = []  # _digests[i]: the chain head after entry i
+        self._json: list[str] = []  # entry i as stored (JSON text), kept so a write costs a join
+        for e in entries:
+            self.append(e.round, e.event, e.lost, e.silo, e.clip_norm)
+
+    def digest(self, entries: int | None = None) -> str:
+        """The chain head after the first ``entries`` entries (all by default)."""
+        n = len(self._entries) if entries is None else entries
+        if not 0 <= n <= len(self._entries):
+            raise ValueError(f"the ledger has {len(self._entries)} entries, not {n}")
+        return self._digests[n - 1] if n else GENESIS
 
     def append(self, round_index: int, event: dp_accounting.DpEvent, lost: bool = False,
-               silo: str | None = None) -> LedgerEntry:
+               silo: str | None = None, clip_norm: float | None = None) -> LedgerEntry:
         """Add a round's cost. Rounds increase; a round repeats only after a lost entry,
         or for another silo (example-level mode: one entry per silo per round)."""
         if self._entries:
@@ -150,8 +219,11 @@ class Ledger:
             other_silo = silo is not None and last.silo is not None and silo != last.silo
             if round_index < last.round or (round_index == last.round and not (last.lost or other_silo)):
                 raise ValueError(f"ledger rounds must increase: got {round_index} after {last.round}")
-        entry = LedgerEntry(round_index, event, lost, silo)
+        entry = LedgerEntry(round_index, event, lost, silo, clip_norm)
+        d = entry.to_dict()
+        self._digests.append(chain_digest(self.digest(), d))
         self._entries.append(entry)
+        self._json.append(json.dumps({**d, "digest": self._digests[-1]}, allow_nan=False))
         return entry
 
     def mark_lost_after(self, round_index: int) -> list[LedgerEntry]:
@@ -163,7 +235,8 @@ class Ledger:
         marked = []
         for i, e in enumerate(self._entries):
             if e.round > round_index and not e.lost:
-                self._entries[i] = LedgerEntry(e.round, e.event, lost=True, silo=e.silo)
+                self._entries[i] = LedgerEntry(e.round, e.event, lost=True, silo=e.silo, clip_norm=e.clip_norm)
+                self._json[i] = json.dumps({**self._entries[i].to_dict(), "digest": self._digests[i]})
                 marked.append(self._entries[i])
         return marked
 
@@ -197,14 +270,47 @@ class Ledger:
         return [e.event for e in self._entries]
 
     def to_list(self) -> list[dict]:
-        return [e.to_dict() for e in self._entries]
+        return [{**e.to_dict(), "digest": d} for e, d in zip(self._entries, self._digests)]
+
+    def to_json(self) -> str:
+        """``json.dumps(self.to_list())``, one entry a line, from text kept since each append."""
+        return "[\n" + ",\n".join(self._json) + "\n]" if self._json else "[]"
+
+    def segments(self) -> list[tuple[int, int, LedgerEntry]]:
+        """Runs of entries with the same mechanism: (first round, last round, an entry of the run)."""
+        out: list[tuple[int, int, LedgerEntry]] = []
+        for e in self._entries:
+            if out and (out[-1][2].event, out[-1][2].clip_norm, out[-1][2].silo) == (e.event, e.clip_norm, e.silo):
+                out[-1] = (out[-1][0], e.round, out[-1][2])
+            else:
+                out.append((e.round, e.round, e))
+        return out
 
     @classmethod
-    def from_list(cls, data: list) -> Ledger:
+    def from_list(cls, data: list, mode: str | None = None) -> Ledger:
+        """Load a stored ledger, verifying its hash chain (and, given ``mode``, that every
+        entry is an event of that mode's mechanism). Errors name the entry."""
         if not isinstance(data, list):
             raise ValueError("ledger must be a list of entries")
         ledger = cls()
-        for item in data:
-            entry = LedgerEntry.from_dict(item)
-            ledger.append(entry.round, entry.event, entry.lost, entry.silo)
+        for i, item in enumerate(data, 1):
+            try:
+                entry = LedgerEntry.from_dict(item)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"entry {i}: {e}") from None
+            where = f"entry {i} (round {entry.round})"
+            if mode is not None and (why := check_run_event(entry.event, mode)) is not None:
+                raise ValueError(f"{where}: {why}, not an event of a {mode!r} run's mechanism")
+            if mode is not None and (entry.silo is not None) != (mode == "example"):
+                raise ValueError(f"{where}: {'no' if mode == 'example' else 'a'} silo in a {mode!r} run's ledger")
+            if "digest" not in item:
+                raise ValueError(f"{where}: no digest (a ledger written before privlm kept a hash chain, or an "
+                                 "entry added by hand); privlm will not resume or account it")
+            try:
+                ledger.append(entry.round, entry.event, entry.lost, entry.silo, entry.clip_norm)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if item.get("digest") != ledger.digest():
+                raise ValueError(f"{where}: its digest does not match its content and the entries "
+                                 "before it (an edited, inserted or removed entry)")
         return ledger

@@ -44,14 +44,15 @@ from privlm.federated.dp_sgd import ExampleDP, dp_sgd_train, record_windows, sil
 from privlm.federated.server_opt import ServerOptimizer
 from privlm.runtime.training import (build_model, client_generator, derived_seed, from_checkpoint,
                                      resolve_device, seed_torch, threads_per_worker, to_checkpoint)
-from privlm.runtime.workers import ProcessWorkers
+from privlm.runtime.workers import ProcessWorkers, remove_stale_token_files
 from privlm.privacy.accountant import (
+    BudgetCheck,
     calibrate_noise_multiplier,
     default_delta,
     epsilon_for,
     round_event,
 )
-from privlm.privacy.guarantee import guarantee_record
+from privlm.privacy.guarantee import guarantee_record, weak_delta_warning
 from privlm.privacy.ledger import Ledger
 from privlm.privacy.mechanism import NoiseSource
 from privlm.rundir import RunDir, default_run_dir, open_run_dir
@@ -110,6 +111,8 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> RunConfig:
     delta = p.delta if p.delta is not None else default_delta(num_clients)
     if delta >= 1.0 / num_clients:
         raise ConfigError(f"privacy.delta: {delta:g} must be below 1/N = {1 / num_clients:g}")
+    if (weak := weak_delta_warning(delta, "clients")) is not None:
+        log.warning(weak)
     q = cfg.federation.clients_per_round / num_clients
     z = p.noise_multiplier
     if z is None:
@@ -169,6 +172,7 @@ class Simulation:
         self.model.to(self.device)
         self._replicas: list[torch.nn.Module] = []  # workers > 1: one model copy per training thread
         self._pool: ProcessWorkers | None = None  # worker_kind = "process": started by run()
+        self.workdir: Path | None = None  # the run directory (run() sets it): worker processes' token files
         threads = c.workers > 1 and c.worker_kind == "thread"
         if c.workers > 1 and c.worker_kind == "process" and self.device.type != "cpu":
             raise ConfigError(f"worker_kind: \"process\" trains on the CPU, but device is {c.device!r}; "
@@ -206,8 +210,10 @@ class Simulation:
                                    c.client.lr, c.client.optimizer)
         self.noise = NoiseSource(c.seed if c.privacy.seeded_noise else None)
         self.ledger = Ledger()
-        # epsilon_for(self.ledger): updated whenever the ledger grows, never set otherwise.
-        # Example-level mode: the largest of the silos' epsilons (silo_epsilon holds each).
+        # epsilon_for(self.ledger) when it held _eps_entries entries (current_epsilon() brings it
+        # up to date). Example-level mode: the largest of the silos' epsilons (silo_epsilon).
+        self._eps_entries = 0
+        self._budget_check: tuple[int, BudgetCheck] | None = None  # (ledger length it starts at, check)
         self.example = c.privacy.mode == "example"
         if self.example and c.workers > 1:
             raise ConfigError("workers: example-level silos (DP-SGD with Opacus) train one at a time; "
@@ -258,38 +264,55 @@ class Simulation:
         return corpus, scrub_counts, audit_plan
 
     def _plan_silos(self) -> dict[int, SiloPlan]:
-        """Example-level mode: each silo's records, sampling rate, steps and noise, fixed up front."""
+        """Example-level mode: each silo's records, and its DP-SGD mechanism fixed up front.
+
+        The mechanism is a function of public settings only: q is
+        ``privacy.example.sampling_rate`` (or ``client.batch_size / max_records``), the
+        steps per round follow from q and ``client`` settings, z is calibrated from those,
+        and delta defaults to ``max_records ** -1.1`` for ``privacy.example.max_records``,
+        the declared public bound on records per silo. A silo's actual record count never
+        enters the mechanism or privacy.json: with it, one record more or less would show.
+        """
         c, p = self.cfg, self.cfg.privacy
-        raw = {}
+        bound = p.example.max_records
+        q = p.example.sampling_rate
+        if q is None and bound is None:
+            raise ConfigError("privacy.example.sampling_rate: set it, or privacy.example.max_records (a public "
+                              "upper bound on records per silo; q is then client.batch_size / max_records): "
+                              "the mechanism must not depend on a silo's private record count")
+        if p.delta is None and bound is None:
+            raise ConfigError("privacy.example.max_records: needed for the default delta (max_records^-1.1); "
+                              "set it (a public upper bound on records per silo) or set privacy.delta")
+        if q is None:
+            q = min(1.0, c.client.batch_size / bound)
+        delta = p.delta if p.delta is not None else default_delta(bound)
+        if bound is not None and delta >= 1.0 / bound:
+            raise ConfigError(f"privacy.delta: {delta:g} must be below 1/max_records = {1 / bound:g}")
+        if (weak := weak_delta_warning(delta, "records per silo")) is not None:
+            log.warning(weak)
+        self.cfg.privacy.delta = delta
+        steps = steps_per_round(self.local, ExampleDP(q, 0.0, p.clip_norm))
+        z = p.noise_multiplier
+        if z is None:
+            z = calibrate_noise_multiplier(p.target_epsilon, q, c.federation.rounds * steps, delta, p.accountant)
+        dp = ExampleDP(q, z, p.clip_norm, p.example.grad_sample_mode)
+        one = epsilon_for([silo_round_event(dp, steps)], delta, p.accountant)
+        if p.budget is not None and one > p.budget:
+            raise ConfigError(f"privacy.target_epsilon: budget {p.budget:g} is below one round's cost "
+                              f"(epsilon {one:.3g}: {steps} steps at q={q:.3g}, z={z:.3g})")
+        plans = {}
         for i, cl in enumerate(self.corpus.clients):
             records = [self.tokenizer.encode(r) for r in split_into_records(cl.train, c.data.records)]
             x, y, truncated = record_windows(records, self.model.cfg.block_size)
             if x.size(0) == 0:
                 raise DataError(f"silo {cl.client_id}: no training record of 2 or more tokens")
-            q = p.example.sampling_rate or min(1.0, c.client.batch_size / x.size(0))
-            raw[i] = (cl.client_id, x, y, truncated, q)
-        largest = max(r[1].size(0) for r in raw.values())
-        delta = p.delta if p.delta is not None else default_delta(largest)
-        if delta >= 1.0 / largest:
-            raise ConfigError(f"privacy.delta: {delta:g} must be below 1/n = {1 / largest:g} "
-                              f"for the largest silo ({largest} records)")
-        self.cfg.privacy.delta = delta
-        plans = {}
-        for i, (sid, x, y, truncated, q) in raw.items():
-            steps = steps_per_round(self.local, ExampleDP(q, 0.0, p.clip_norm))
-            z = p.noise_multiplier
-            if z is None:
-                z = calibrate_noise_multiplier(p.target_epsilon, q, c.federation.rounds * steps, delta,
-                                               p.accountant)
-            dp = ExampleDP(q, z, p.clip_norm, p.example.grad_sample_mode)
-            one = epsilon_for([silo_round_event(dp, steps)], delta, p.accountant)
-            if p.budget is not None and one > p.budget:
-                raise ConfigError(f"privacy.target_epsilon: budget {p.budget:g} is below one round's cost "
-                                  f"for silo {sid} (epsilon {one:.3g}: {steps} steps at q={q:.3g}, z={z:.3g})")
+            if bound is not None and x.size(0) > bound:
+                raise ConfigError(f"privacy.example.max_records: silo {cl.client_id} has more records than the "
+                                  f"declared bound {bound}; raise the bound (delta depends on it)")
             if truncated:
                 log.warning("silo %s: %d of %d records are longer than %d tokens and were truncated",
-                            sid, truncated, x.size(0), self.model.cfg.block_size)
-            plans[i] = SiloPlan(sid, x, y, dp, steps, truncated)
+                            cl.client_id, truncated, x.size(0), self.model.cfg.block_size)
+            plans[i] = SiloPlan(cl.client_id, x, y, dp, steps, truncated)
         return plans
 
     # -- pieces --------------------------------------------------------------
@@ -388,7 +411,10 @@ class Simulation:
             if self._pool is not None and self._pool.broken:
                 self.close()
             if self._pool is None:
-                self._pool = ProcessWorkers(self.cfg, self.cfg.workers, self.train_tokens)
+                if self.workdir is None:
+                    raise ValueError("worker processes need the run directory (Simulation.workdir) for "
+                                     "the clients' token files")
+                self._pool = ProcessWorkers(self.cfg, self.cfg.workers, self.train_tokens, self.workdir)
 
     def close(self) -> None:
         """Stop the worker processes, if any (``run`` does this when it returns or fails)."""
@@ -426,22 +452,66 @@ class Simulation:
         loss, acc, _ = evaluate(self.model, params, self.eval_tokens, self.cfg.eval.batch_size)
         return loss, acc
 
-    def privacy_record(self, rounds_completed: int, stopped: str | None = None) -> dict:
+    def current_epsilon(self) -> float:
+        """``epsilon_for(self.ledger)``: computed once per ledger change, when asked for."""
+        if self._eps_entries != len(self.ledger):
+            p = self.cfg.privacy
+            self.epsilon = epsilon_for(self.ledger, p.delta or 0.0, p.accountant)
+            self._eps_entries = len(self.ledger)
+        return self.epsilon
+
+    def _epsilon_due(self, round_index: int) -> bool:
+        """Whether round ``round_index`` releases a checkpoint, so privacy.json states the exact epsilon.
+
+        Between checkpoints privacy.json holds the durable ledger and says its epsilon is pending
+        (within the budget, by the budget check); computing it every round would cost more than
+        the round at many rounds and small q (benchmarks/accounting_cost.py).
+        """
+        c = self.cfg
+        return round_index % c.output.checkpoint_every == 0 or round_index == c.federation.rounds
+
+    def _write_ledger(self, rd: RunDir, rounds_completed: int, exact: bool = True,
+                      stopped: str | None = None) -> dict:
+        """privacy.json (ledger and guarantee), then ledger-head.json: what has been paid."""
+        record = self.privacy_record(rounds_completed, stopped, exact, with_ledger=False)
+        rd.write_privacy(record, ledger_json=self.ledger.to_json())
+        rd.write_head(len(self.ledger), self.ledger.digest())
+        return record
+
+    def _budget_allows(self, event, round_index: int) -> bool:
+        """Whether paying ``event`` for ``round_index`` keeps the ledger within the budget.
+
+        Exact, without an accountant call per round: a :class:`BudgetCheck` finds once how
+        many more such events fit (up to the last round), and is built anew from the whole
+        ledger whenever the ledger changed otherwise (a resume, another mechanism).
+        """
         p = self.cfg.privacy
+        built = self._budget_check
+        if built is None or built[1].event != event or not 0 < len(self.ledger) - built[0] + 1 <= built[1].horizon:
+            check = BudgetCheck(self.ledger.events, event, p.delta or 0.0, p.accountant, p.budget,
+                                self.cfg.federation.rounds - round_index + 1)
+            built = self._budget_check = (len(self.ledger), check)
+        return built[1].allows(len(self.ledger) - built[0] + 1)
+
+    def privacy_record(self, rounds_completed: int, stopped: str | None = None, exact: bool = True,
+                       with_ledger: bool = True) -> dict:
+        p = self.cfg.privacy
+        eps = self.current_epsilon() if (exact or self.example or not self.algo.private) else None
         return guarantee_record(
-            mode=p.mode, ledger=self.ledger, epsilon=self.epsilon, delta=p.delta or 0.0,
+            mode=p.mode, ledger=self.ledger, epsilon=eps, delta=p.delta or 0.0,
             accountant=p.accountant,
             noise_multiplier=p.noise_multiplier, clip_norm=p.clip_norm,
             sampling_rate=self.algo.sampling_rate, num_clients=self.algo.num_clients,
             clients_per_round=self.algo.clients_per_round, rounds_completed=rounds_completed,
             seeded_noise=p.seeded_noise, budget=p.budget if p.mode != "none" else None,
             stopped=stopped, population=self.population, pseudo_users=self.cfg.data.pseudo_users,
+            with_ledger=with_ledger,
             adaptive_clipping={
                 "initial_clip_norm": p.clip_norm, "target_quantile": a.target_quantile,
                 "learning_rate": a.learning_rate, "clipped_count_stddev": a.count_stddev,
                 "update_noise_multiplier": self.algo.update_noise_multiplier,
             } if (a := self.algo.adaptive) is not None else None, silos=[
-                {"silo": s.silo_id, "epsilon": self.silo_epsilon[s.silo_id], "records": int(s.x.size(0)),
+                {"silo": s.silo_id, "epsilon": self.silo_epsilon[s.silo_id],
                  "sampling_rate": s.dp.sampling_rate,
                  "noise_multiplier": s.dp.noise_multiplier, "steps_per_round": s.steps,
                  "stopped": self.silo_stopped.get(s.silo_id)}
@@ -459,6 +529,7 @@ class Simulation:
         """
         rd = RunDir(out or self.cfg.output.dir or default_run_dir())
         rd.lock()  # one live run per directory; released by the kernel if we die
+        self.workdir = rd.path
         try:
             state, metrics = self._resume(rd) if resume else self._start(rd)
             self._start_workers()  # before any round is paid: a worker that cannot start costs no budget
@@ -478,12 +549,13 @@ class Simulation:
                             "detector": f"spacy:{self.cfg.data.scrub.spacy_model}" if self.cfg.data.scrub.spacy_model
                             else "patterns", "clients": self.corpus.num_clients})
         # privacy.json (empty ledger) first: a state file without it cannot exist.
-        rd.write_privacy(self.privacy_record(0))
+        self._write_ledger(rd, 0)
         state = dp_fedavg.init(self.algo, get_params(self.model))
         if hasattr(self.model, "save_adapter_config"):
             self.model.save_adapter_config(rd.path / "checkpoints")
         self._checkpoint(rd, 0, state.params)
-        rd.save_state(0, state.params, state.opt_state, len(self.ledger), self._saved_clip(state))
+        rd.save_state(0, state.params, state.opt_state, len(self.ledger), self._saved_clip(state),
+                      self.ledger.digest())
         return state, []
 
     def _resume(self, rd: RunDir) -> tuple[dp_fedavg.ServerState, list[dict]]:
@@ -497,7 +569,7 @@ class Simulation:
         entry is marked ``lost`` and stays counted, and the round runs again
         with fresh noise under a new entry.
         """
-        if rd.remove_partial_writes():
+        if rd.remove_partial_writes() + remove_stale_token_files(rd.path):
             log.info("%s: removed temp files of writes interrupted by the crash", rd.path)
         if not rd.privacy_path.exists():
             if rd.state_path.exists():
@@ -512,22 +584,36 @@ class Simulation:
             raise DataError(f"{rd.privacy_path}: mode {record.get('mode')!r} does not match config.toml's "
                             f"{self.cfg.privacy.mode!r}")
         try:
-            ledger = Ledger.from_list(record.get("ledger"))
+            ledger = Ledger.from_list(record.get("ledger"), mode=self.cfg.privacy.mode)
         except ValueError as e:
             raise DataError(f"{rd.privacy_path}: corrupt ledger ({e})") from None
+        head = rd.read_head()
+        if head is None and (len(ledger) or rd.state_path.exists()):
+            raise DataError(f"{rd.head_path}: missing, but the run has started; refusing to trust "
+                            "privacy.json's ledger without it")
+        if head is not None:
+            paid, digest = head
+            if len(ledger) < paid or ledger.digest(paid) != digest:
+                raise DataError(f"{rd.privacy_path}: its ledger ({len(ledger)} entries) does not extend the "
+                                f"{paid} entries paid per {rd.head_path.name}; refusing to under-count "
+                                "(an older, edited or replaced privacy.json?)")
         if not rd.state_path.exists() and len(ledger) == 0:
             log.warning("%s: the run had not started; starting it from round 0", rd.path)
             return self._start(rd, restart=True)
         if load_plan(rd.path) != self.audit_plan:
             raise DataError(f"{rd.path / 'audit'}: the audit canaries differ from the ones this run trained "
                             "with (pass the saved plan: privlm.resume / privlm run --resume load it)")
-        done, params, opt_state, paid_entries, clip_norm = rd.load_state()
+        done, params, opt_state, paid_entries, clip_norm, state_digest = rd.load_state()
         if (clip_norm is not None) != (self.algo.adaptive is not None):
             raise DataError(f"{rd.state_path}: its clip norm state does not match privacy.adaptive_clipping "
                             "in config.toml; is config.toml the run's own?")
         if len(ledger) < paid_entries:
             raise DataError(f"{rd.privacy_path}: {len(ledger)} ledger entries, but the resume state was "
                             f"saved after {paid_entries}; refusing to under-count (stale privacy.json?)")
+        if state_digest is None or ledger.digest(paid_entries) != state_digest:
+            raise DataError(f"{rd.privacy_path}: its first {paid_entries} ledger entries are not the ones "
+                            f"{rd.state_path.name} was saved after (digest mismatch); refusing an edited "
+                            "or replaced ledger")
         unknown = set(ledger.silos()) - set(self.silo_epsilon)
         if unknown:
             raise DataError(f"{rd.privacy_path}: ledger has silos {sorted(unknown)[:3]} that the data "
@@ -552,15 +638,21 @@ class Simulation:
             for e in ledger.mark_lost_after(done):
                 log.warning("round %d was paid for but its result was lost; it stays counted "
                             "and runs again with fresh noise", e.round)
+        last_paid = max((e.round for e in ledger), default=0)
+        beyond = [r for r in rd.checkpoints() if r > max(last_paid, done)]
+        if beyond:
+            raise DataError(f"{rd.checkpoint_path(beyond[0])}: a checkpoint of a round the ledger never paid "
+                            "for; refusing files this run did not write")
         self.ledger = ledger
-        if self.algo.private:
-            self.epsilon = epsilon_for(ledger, self.cfg.privacy.delta, self.cfg.privacy.accountant)
+        self._eps_entries = -1  # recompute for the loaded ledger
+        self._budget_check = None
         if self.example:
             for sid in self.silo_epsilon:
                 self.silo_epsilon[sid] = epsilon_for(ledger.for_silo(sid), self.cfg.privacy.delta,
                                                      self.cfg.privacy.accountant)
             self.epsilon = max(self.silo_epsilon.values())
-        rd.write_privacy(self.privacy_record(done))
+            self._eps_entries = len(ledger)
+        self._write_ledger(rd, done)  # (lost marks, if any, and the exact epsilon of the ledger)
         metrics = [m for m in rd.read_metrics() if m.get("round", 0) <= done]
         return dp_fedavg.ServerState(params=params, opt_state=opt_state, round=done,
                                      clip_norm=clip_norm if clip_norm is not None else self.algo.clip_norm), metrics
@@ -602,7 +694,8 @@ class Simulation:
         if len(self.silo_stopped) == len(self.silos):
             return [], f"budget stop: every silo has reached its budget; round {r} did not run"
         self.epsilon = max(self.silo_epsilon.values())
-        rd.write_privacy(self.privacy_record(r - 1))
+        self._eps_entries = len(self.ledger)
+        self._write_ledger(rd, r - 1)
         return active, None
 
     def _saved_clip(self, state: dp_fedavg.ServerState) -> float | None:
@@ -642,24 +735,27 @@ class Simulation:
                         break
                 else:
                     event = self.algo.round_event()
-                    eps = self.epsilon if self.algo.private else None
                     paid = self.ledger.entry_for(r)
+                    fixed_clip = self.algo.clip_norm if self.algo.private and self.algo.adaptive is None else None
                     if paid is not None:  # a resumed replay of a round already paid for
-                        if paid.event != event:
+                        if (paid.event, paid.clip_norm) != (event, fixed_clip):
                             raise DataError(f"{rd.privacy_path}: round {r} was paid for with a different "
                                             "mechanism than config.toml describes")
                     else:
-                        if self.algo.private:
-                            eps = epsilon_for([*self.ledger.events, event], c.privacy.delta, c.privacy.accountant)
-                            budget = c.privacy.budget
-                            if budget is not None and eps > budget:
-                                stopped = (f"budget stop: round {r} would raise epsilon to {eps:.4f}, "
-                                           f"above the budget {budget:g}; it did not run")
-                                break
-                        self.ledger.append(r, event)
-                        if eps is not None:
-                            self.epsilon = eps  # the ledger now is exactly what the check composed
-                        rd.write_privacy(self.privacy_record(r - 1))
+                        if self.algo.private and not self._budget_allows(event, r):
+                            over = epsilon_for([*self.ledger.events, event], c.privacy.delta, c.privacy.accountant)
+                            stopped = (f"budget stop: round {r} would raise epsilon to {over:.4f}, "
+                                       f"above the budget {c.privacy.budget:g}; it did not run")
+                            break
+                        self.ledger.append(r, event, clip_norm=fixed_clip)
+                        self._write_ledger(rd, r - 1, exact=not self.algo.private)
+                    eps = self.current_epsilon() if self.algo.private and self._epsilon_due(r) else None
+                    if eps is not None and c.privacy.budget is not None and eps > c.privacy.budget:
+                        # BudgetCheck assumes epsilon never falls as rounds are added; should
+                        # dp-accounting's numbers ever break that, nothing is released over budget.
+                        stopped = (f"budget stop: round {r} raised epsilon to {eps:.4f}, above the budget "
+                                   f"{c.privacy.budget:g}; it was paid for but did not run")
+                        break
                     # 2. Sample (after the entry is durable), train, aggregate, noise, server step.
                     ids = self.algo.sample_clients(_sampling_rng(c, r))
                 fault_point("ledger-written", r)
@@ -696,16 +792,19 @@ class Simulation:
                 if r % c.output.checkpoint_every == 0 or r == c.federation.rounds:
                     self._checkpoint(rd, r, state.params)
                     fault_point("checkpoint-written", r)
-                rd.save_state(r, state.params, state.opt_state, len(self.ledger), self._saved_clip(state))
+                rd.save_state(r, state.params, state.opt_state, len(self.ledger), self._saved_clip(state),
+                              self.ledger.digest())
                 fault_point("state-written", r)
-                rd.write_privacy(self.privacy_record(r))
+                if eps is not None or not self.algo.private or self.example:  # (else: next round's write)
+                    self._write_ledger(rd, r, exact=True)
                 if stop_when is not None and stop_when(row):
                     if r % c.output.checkpoint_every and r != c.federation.rounds:
                         self._checkpoint(rd, r, state.params)
                     break
                 if bar:
+                    shown = self.epsilon if self._eps_entries and math.isfinite(self.epsilon) else None
                     bar.update(rounds_task, advance=1,
-                               description=f"rounds (acc {eval_acc:.3f}" + (f", eps {eps:.2f})" if eps else ")"))
+                               description=f"rounds (acc {eval_acc:.3f}" + (f", eps {shown:.2f})" if shown else ")"))
         completed = state.round
         if stopped:
             log.warning(stopped)
@@ -713,8 +812,7 @@ class Simulation:
                 self._checkpoint(rd, completed, state.params)
         if completed and (math.isnan(eval_loss) or (metrics and metrics[-1]["eval_loss"] is None)):
             eval_loss, eval_acc = self.evaluate(state.params)
-        record = self.privacy_record(completed, stopped)
-        rd.write_privacy(record)
+        record = self._write_ledger(rd, completed, stopped=stopped)
         from privlm.report.html import write_report
 
         write_report(rd)

@@ -10,7 +10,10 @@ generator).
 
 Only raw tensor bytes and JSON headers cross the pipes; nothing a worker sends is
 unpickled (the config reaches a worker once, when it is spawned by this process).
-Every client's tokens are written once to a file that the workers map read-only.
+Every client's tokens are written once to a file that the workers map read-only; it
+lies in the run directory (never the system temp folder: nothing derived from clients'
+data leaves the run directory), is readable by its owner only, and is unlinked as soon
+as every worker has mapped it, so a run killed after start-up leaves no copy on disk.
 A round's global parameters go to every worker once; then a task (a few bytes:
 round, client) goes out and the client's update comes back. Task ``k`` goes to
 worker ``k mod W``, each worker holds at most two, and the updates are read back
@@ -25,11 +28,12 @@ import json
 import math
 import multiprocessing as mp
 import os
-import tempfile
+import secrets
 import traceback
 from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import torch
 
@@ -83,6 +87,32 @@ def _layout(params: Params) -> list[list]:
     return [[k, str(v.dtype), list(v.shape)] for k, v in params.items()]
 
 
+TOKEN_FILE_PREFIX = ".privlm-worker-tokens-"  # the only names privlm owns in a run directory
+TOKEN_FILE_GLOB = TOKEN_FILE_PREFIX + "*.npy"
+
+
+def _write_private(path: Path, array) -> None:  # array: np.ndarray
+    """Save ``array`` to a new file that only its owner can read (no world-readable window)."""
+    import numpy as np
+
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)  # refuses an existing file or link
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def remove_stale_token_files(workdir: Path) -> list[Path]:
+    """Delete the token files a run killed during worker start-up left in ``workdir``.
+
+    A started pool leaves none (they are unlinked once every worker has mapped them),
+    but a SIGKILL between writing them and the workers' start cannot clean up. Only
+    privlm's own names (``.privlm-worker-tokens-*.npy``) are touched; returns those removed.
+    """
+    stale = sorted(p for p in Path(workdir).glob(TOKEN_FILE_GLOB) if not p.is_dir())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def _worker_main(conn: Connection, cfg, threads: int, tokens_path: str) -> None:  # cfg: RunConfig
     """A worker process: build the model, then train the clients it is sent until told to stop."""
     import numpy as np
@@ -93,6 +123,8 @@ def _worker_main(conn: Connection, cfg, threads: int, tokens_path: str) -> None:
     try:
         torch.manual_seed(cfg.seed)  # as the simulation does before it builds its model
         model, _ = build_model(cfg)
+        # Both files are read or mapped before "ready": the pool then unlinks them (a mapping
+        # outlives its file's name).
         offsets = np.load(tokens_path + ".offsets.npy", allow_pickle=False)
         flat = np.load(tokens_path + ".npy", mmap_mode="r", allow_pickle=False)  # shared page cache, read-only
     except Exception:  # noqa: BLE001 - the simulation reports it before any round is paid
@@ -141,9 +173,12 @@ class ProcessWorkers:
     Any failure (a worker's error, a dead worker, a garbled message) marks the pool
     ``broken``: it is never read from again, so no update can be taken for another
     client's. The simulation then stops the run (or, used directly, starts a new pool).
+
+    ``workdir`` (the run directory) holds the clients' tokens only while the workers start:
+    see the module's docstring and :func:`remove_stale_token_files`.
     """
 
-    def __init__(self, cfg, workers: int, tokens: list[torch.Tensor]) -> None:
+    def __init__(self, cfg, workers: int, tokens: list[torch.Tensor], workdir: Path) -> None:
         import numpy as np
 
         ctx = mp.get_context("spawn")  # never fork a process that has torch's threads running
@@ -153,14 +188,14 @@ class ProcessWorkers:
         self._layout: list = []
         self._nbytes = 0
         self.broken = False
-        self._dir = tempfile.TemporaryDirectory(prefix="privlm-workers-")
+        path = str(Path(workdir) / f"{TOKEN_FILE_PREFIX}{secrets.token_hex(16)}")
+        self._token_files = [Path(path + ".offsets.npy"), Path(path + ".npy")]
         try:
             # Every client's tokens, once, in a file the workers map read-only: a task names
             # a client by index and carries no data.
-            path = os.path.join(self._dir.name, "tokens")
-            np.save(path + ".offsets.npy", np.cumsum([0] + [t.numel() for t in tokens], dtype=np.int64))
-            np.save(path + ".npy", torch.cat([t.reshape(-1).to(torch.int64) for t in tokens]).numpy()
-                    if tokens else np.zeros(0, dtype=np.int64))
+            _write_private(self._token_files[0], np.cumsum([0] + [t.numel() for t in tokens], dtype=np.int64))
+            _write_private(self._token_files[1], torch.cat([t.reshape(-1).to(torch.int64) for t in tokens]).numpy()
+                           if tokens else np.zeros(0, dtype=np.int64))
             for i in range(workers):
                 parent, child = ctx.Pipe(duplex=True)
                 p = ctx.Process(target=_worker_main, args=(child, cfg, threads_per_worker(workers), path),
@@ -176,9 +211,15 @@ class ProcessWorkers:
                     raise self._died(w) from e
                 if "error" in header:
                     raise WorkerError(f"{self._procs[w].name} could not start:\n{header['error']}")
+            self._remove_token_files()  # every worker has mapped them
         except BaseException:
             self.close()
             raise
+
+    def _remove_token_files(self) -> None:
+        for f in self._token_files:
+            f.unlink(missing_ok=True)
+        self._token_files = []
 
     @property
     def pids(self) -> list[int]:
@@ -263,6 +304,7 @@ class ProcessWorkers:
 
     def close(self) -> None:
         """Stop every worker (closing the pipes ends one still sending), then kill stragglers."""
+        self._remove_token_files()  # (already gone unless the workers failed to start)
         for conn in self._conns:
             try:
                 conn.send_bytes(json.dumps({"op": "stop"}).encode())
@@ -276,4 +318,3 @@ class ProcessWorkers:
                 p.join(timeout=5)
         self._procs, self._conns = [], []
         self.broken = True
-        self._dir.cleanup()
