@@ -223,3 +223,27 @@ def test_a_model_of_300_mb_travels(shared_data, tmp_path):
     before, after = _params(run_dir, 0), _params(run_dir, 1)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert _flower_processes(run_dir) == []
+
+
+def test_kill_9_of_deploy_local_leaves_no_flower_process(shared_data, tmp_path):
+    """Issue #26.6: SIGKILL gives privlm no chance to clean up; its children must die with it."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "privlm", "deploy-local", "--clients", "2", "--out", str(run_dir),
+            "--no-progress"]
+    for item in [*TINY, f'data.path="{shared_data / "tinyshakespeare.txt"}"', "federation.rounds=50"]:
+        args += ["--set", item]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _flower_processes(run_dir), "the federation should be up"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30  # the kernel's SIGKILL, then their own children's exits
+        while _flower_processes(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _flower_processes(run_dir) == []
+    finally:
+        for line in _flower_processes(run_dir):  # never leave a federation behind a failed test
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)

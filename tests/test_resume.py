@@ -123,7 +123,7 @@ def test_secure_noise_crash_never_lets_the_budget_be_exceeded(tmp_path):
 
 def test_chaos_short(tmp_path):
     """The CI version of tools/chaos.py: 4 random kills, resumed, bitwise equal at the end."""
-    cfg = json.loads(json.dumps(chaos.CONFIG))  # 24 rounds: slack for 4 kills however the timers fall
+    cfg = json.loads(json.dumps(chaos.CONFIG))  # 24 rounds: slack for 4 progress-triggered kills
     res = chaos.chaos(tmp_path, kills=4, seed=11, config=cfg, log=lambda *_: None)
     assert res["ok"], res
     assert len(res["kills"]) == 4

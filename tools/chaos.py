@@ -1,11 +1,13 @@
 """Chaos test: SIGKILL a run again and again, resume it each time, compare with an unbroken run.
 
 A seeded run (test mode: seeded noise and sampling) is started; it is killed
-with SIGKILL at a random moment, then continued with ``privlm run --resume``,
+with SIGKILL at a random place, then continued with ``privlm run --resume``,
 killed again, and so on, ``--kills`` times, and finally allowed to finish.
-Half of the kills come from a timer at a random time; the other half are
-injected inside a random file write (temp file complete, not yet renamed),
-some of them inside checkpoint writes. Passing means: every resume
+Every kill is triggered by progress, never by a clock, so it lands at the same
+place however fast or loaded the machine is: half at a random step of one of
+the next three rounds (after its ledger entry, after aggregation, after the
+metrics or the state were written), the other half inside a random file write
+(temp file complete, not yet renamed), some of them inside checkpoint writes. Passing means: every resume
 succeeded, and the final parameters (bit for bit), the final epsilon and the
 ledger equal those of the same run done without interruption.
 
@@ -67,6 +69,13 @@ def _final(run_dir: Path) -> dict:
     }
 
 
+def _rounds_done(run_dir: Path) -> int:
+    """The last round whose metrics the run wrote (0 before the first)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["round"] if lines else 0
+
+
 def chaos(base: Path, kills: int, seed: int = 0, config: dict | None = None,
           log=print) -> dict:
     """Run the chaos experiment under ``base``; return a summary (``ok`` says whether it passed)."""
@@ -80,9 +89,6 @@ def chaos(base: Path, kills: int, seed: int = 0, config: dict | None = None,
     if ref.wait() != 0:
         raise RuntimeError(f"reference run failed: {ref.stderr.read()}")
     reference_seconds = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (base / "reference" / "metrics.jsonl").read_text().splitlines()]
-    round_seconds = sum(r["seconds"] for r in rows) / len(rows)
-    startup = max(0.5, reference_seconds - sum(r["seconds"] for r in rows))
 
     victim = base / "victim"
     events: list[dict] = []
@@ -93,25 +99,23 @@ def chaos(base: Path, kills: int, seed: int = 0, config: dict | None = None,
         env = dict(os.environ)
         how = None
         if len(events) < kills:
-            # Even kills: a timer. Odd kills alternate: inside a checkpoint write, inside any write.
-            how = "timer" if len(events) % 2 == 0 else ("mid-write-checkpoint", "mid-write")[len(events) // 2 % 2]
-            if how != "timer":
+            # Even kills: a step of one of the next rounds. Odd kills alternate: inside a
+            # checkpoint write, inside any write.
+            how = "step" if len(events) % 2 == 0 else ("mid-write-checkpoint", "mid-write")[len(events) // 2 % 2]
+            if how == "step":
+                done = _rounds_done(victim)
+                step = rng.choice(("ledger-written", "aggregated", "metrics-written", "state-written"))
+                env["PRIVLM_CRASH_AT"] = f"{step}:{done + rng.randint(1, 3)}"
+            else:
                 env["PRIVLM_CRASH_AT"] = f"{how}:{rng.randint(1, 6 if how == 'mid-write' else 2)}"
         proc = _privlm(*args, env=env)
         processes += 1
         started = time.perf_counter()
-        if how == "timer":
-            # Anywhere from late start-up to three rounds in.
-            delay = rng.uniform(0.7 * startup, startup + 3 * round_seconds)
-            try:
-                proc.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
         rc = proc.wait()
         stderr = proc.stderr.read()
         if rc == -signal.SIGKILL:
             state = json.loads((victim / "privacy.json").read_text()) if (victim / "privacy.json").exists() else {}
-            events.append({"how": env.get("PRIVLM_CRASH_AT", "timer"),
+            events.append({"how": env.get("PRIVLM_CRASH_AT"),
                            "after_seconds": round(time.perf_counter() - started, 2),
                            "rounds_completed": state.get("rounds_completed"),
                            "ledger_entries": len(state.get("ledger", []))})

@@ -1,5 +1,5 @@
 """``python -m privlm``: the same CLI as the ``privlm`` command."""
 
-from privlm.cli import app
+from privlm.cli import entry
 
-app(prog_name="privlm")
+entry()

@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from privlm.errors import PrivlmError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Federated language-model training with differential privacy.")
 data_app = typer.Typer(no_args_is_help=True, help="Public data sets for examples and benchmarks.")
 app.add_typer(data_app, name="data")
@@ -35,8 +35,56 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on
 def _fail(e: Exception) -> None:
     if _state["debug"]:
         raise e
-    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def entry() -> None:
+    """The ``privlm`` command: the typer app, with every unexpected error as one line.
+
+    A traceback (let alone one with local variables, which can hold clients' text)
+    never reaches the terminal unless ``--debug`` asks for one, and then without
+    locals. An OS error names its file; anything else names the exception and where
+    it happened, never its message (which could quote data).
+    """
+    import traceback
+
+    try:
+        app(prog_name="privlm")
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        err.print("error: interrupted", highlight=False)
+        sys.exit(130)
+    except BaseException as e:  # noqa: BLE001 - the last line of defence
+        if _state["debug"]:
+            traceback.print_exception(type(e), e, e.__traceback__)  # plain: no locals
+            sys.exit(2)
+        err.print(f"[bold red]error:[/] {escape(_describe(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and (e.filename or e.strerror):
+        where = f"{e.filename}: " if e.filename else ""
+        return _one_line(f"{where}{e.strerror or type(e).__name__}" + (
+            " (free some space; files already written are intact, and privlm run --resume continues)"
+            if e.errno in (28, 30) else ""))
+    if isinstance(e, MemoryError):
+        return "out of memory: an input asks for more than this machine has (rerun with --debug for where)"
+    if isinstance(e, RecursionError):
+        return "an input is nested too deeply to read"
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" in {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb is not None else ""
+    return (f"unexpected {type(e).__name__}{where} (a privlm bug, or an input it does not check: "
+            "rerun with --debug for the traceback; it is not shown here as it may quote data)")
 
 
 @app.command()
@@ -136,8 +184,8 @@ def epsilon(
                 raise PrivlmError(f"{name} is required (or give --ledger)")
         _check_range("--sampling-rate", sampling_rate, 0, 1, inclusive_hi=True)
         _check_range("--delta", delta, 0, 1)
-        if noise_multiplier <= 0 or rounds < 0:
-            raise PrivlmError("--noise-multiplier must be > 0 and --rounds >= 0")
+        if (problem := acc.accounting_problem(sampling_rate, noise_multiplier, rounds)) is not None:
+            raise PrivlmError(f"--{problem[0].replace('_', '-')}: {problem[1]}")
         eps = acc.epsilon(sampling_rate, noise_multiplier, rounds, delta, accountant)  # type: ignore[arg-type]
     except PrivlmError as e:
         _fail(e)
@@ -169,7 +217,7 @@ def _ledger_epsilon(path: Path, delta: float | None, kind: str) -> tuple[float, 
 
 
 def _check_range(name: str, v: float, lo: float, hi: float, inclusive_hi: bool = False) -> None:
-    if not (lo < v < hi or (inclusive_hi and v == hi)):
+    if not (lo < v < hi or (inclusive_hi and v == hi)):  # (NaN fails both)
         raise PrivlmError(f"{name}: {v} is outside ({lo}, {hi}{']' if inclusive_hi else ')'}")
 
 
@@ -182,16 +230,21 @@ def calibrate(
     accountant: Annotated[str, typer.Option(help="pld or rdp.")] = "pld",
 ) -> None:
     """Print the smallest noise multiplier whose T rounds meet the target epsilon."""
-    from privlm.privacy.accountant import calibrate_noise_multiplier
+    from privlm.privacy.accountant import accounting_problem, calibrate_noise_multiplier
 
     try:
         if accountant not in ("pld", "rdp"):
             raise PrivlmError(f"--accountant: {accountant!r} is not 'pld' or 'rdp'")
         _check_range("--sampling-rate", sampling_rate, 0, 1, inclusive_hi=True)
         _check_range("--delta", delta, 0, 1)
-        if target_epsilon <= 0 or rounds <= 0:
-            raise PrivlmError("--target-epsilon and --rounds must be > 0")
-        z = calibrate_noise_multiplier(target_epsilon, sampling_rate, rounds, delta, accountant)  # type: ignore[arg-type]
+        if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+            raise PrivlmError(f"--target-epsilon: {target_epsilon} is not a finite number > 0")
+        if (problem := accounting_problem(sampling_rate, 1.0, rounds)) is not None or rounds <= 0:
+            raise PrivlmError(f"--rounds: {problem[1] if problem else f'{rounds} is not > 0'}")
+        try:
+            z = calibrate_noise_multiplier(target_epsilon, sampling_rate, rounds, delta, accountant)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise PrivlmError(f"--target-epsilon: {target_epsilon:g} cannot be met: {e}") from None
     except PrivlmError as e:
         _fail(e)
         return
@@ -223,6 +276,12 @@ def generate(
     from privlm.inference import generate_text
 
     try:
+        if seed is not None and not 0 <= seed < 2**63:
+            raise PrivlmError(f"--seed: {seed} is outside [0, 2^63)")
+        if not (math.isfinite(temperature) and 0 < temperature <= 100):
+            raise PrivlmError(f"--temperature: {temperature} is not a number in (0, 100]")
+        if not 0 <= max_new_tokens <= 1_000_000:
+            raise PrivlmError(f"--max-new-tokens: {max_new_tokens} is outside [0, 1,000,000]")
         text = generate_text(run_dir, prompt, max_new_tokens, temperature, seed)
     except PrivlmError as e:
         _fail(e)
@@ -518,6 +577,9 @@ def node_key(
     """Make a SuperNode authentication key pair; the operator registers PATH.pub (flwr supernode register)."""
     from privlm.runtime.flower.certs import make_node_key
 
+    if path.suffix == ".pub":
+        _fail(PrivlmError(f"{path}: names the public key; give the private key's path (PATH.pub is written "
+                          "beside it)"))
     if path.exists() or path.with_suffix(".pub").exists():
         _fail(PrivlmError(f"{path}: exists; refusing to overwrite a key"))
     make_node_key(path)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, field_validator,
+                      model_validator)
 
 from privlm.errors import ConfigError
 
@@ -27,6 +28,8 @@ MAX_CONFIG_BYTES = 1 << 20
 #: far above any workable value, and keeps numbers within 32-bit ints for
 #: torch and numpy.
 MAX_COUNT = 2**31 - 1
+MAX_WINDOW = 65536  # tokens per training window: beyond it one model's position table alone is GBs
+MAX_ROUNDS = 10_000_000  # as privlm.privacy.accountant.MAX_ROUNDS
 _SHOWN_CHARS = 60  # longest value shown in an error message
 
 
@@ -65,7 +68,7 @@ class _Section(BaseModel):
 
 class ScrubConfig(_Section):
     # PII scrubbing on the client before training (Presidio). None: on for synthetic-clinic, else off.
-    enabled: bool | None = None
+    enabled: StrictBool | None = None
     entities: list[str] | None = None  # None: every type privlm detects (privlm.pii.DEFAULT_ENTITIES)
     operator: Literal["placeholder", "pseudonym"] = "placeholder"
     # An installed spaCy model package or a model directory, for NER (PERSON, LOCATION); never downloaded.
@@ -127,11 +130,11 @@ class ModelConfig(_Section):
     path: str | None = Field(None, min_length=1)
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
     dtype: Literal["float32", "bfloat16"] = "float32"
-    max_length: int = Field(128, gt=1, le=MAX_COUNT)  # hf: tokens per training window
-    block_size: int = Field(64, gt=1, le=MAX_COUNT)
-    n_layer: int = _count(2)
-    n_head: int = _count(4)
-    n_embd: int = _count(64)
+    max_length: int = Field(128, gt=1, le=MAX_WINDOW)  # hf: tokens per training window
+    block_size: int = Field(64, gt=1, le=MAX_WINDOW)
+    n_layer: int = Field(2, gt=0, le=1024)
+    n_head: int = Field(4, gt=0, le=1024)
+    n_embd: int = Field(64, gt=0, le=65536)
     dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
@@ -152,7 +155,7 @@ class ClientConfig(_Section):
 
 
 class FederationConfig(_Section):
-    rounds: int = _count(50)
+    rounds: int = Field(50, gt=0, le=MAX_ROUNDS)
     clients_per_round: int = _count(100)  # expected number, q*N, under DP
 
 
@@ -176,20 +179,22 @@ class ExampleLevelConfig(_Section):
 
 class PrivacyConfig(_Section):
     mode: Literal["user", "none", "example"] = "user"
-    clip_norm: float = Field(2.0, gt=0, allow_inf_nan=False)
-    noise_multiplier: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # C: positive and at most the largest value an accepted update may hold
+    clip_norm: float = Field(2.0, gt=0, le=1e6, allow_inf_nan=False)
+    # z: what the accountant can represent with bounded work (privlm.privacy.accountant)
+    noise_multiplier: float | None = Field(None, ge=0.05, le=1e4, allow_inf_nan=False)
     target_epsilon: float | None = Field(8.0, gt=0)
     max_epsilon: float | None = Field(None, gt=0)
     delta: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
     accountant: Literal["pld", "rdp"] = "pld"
-    seeded_noise: bool = False  # tests only: noise and sampling from `seed`
+    seeded_noise: StrictBool = False  # tests only: noise and sampling from `seed`
     example: ExampleLevelConfig = Field(default_factory=ExampleLevelConfig)  # mode = "example"
     # Adaptive clipping (user mode; Andrew et al. 2021): clip_norm is then the initial C (0.1
     # unless given), moved each round towards the target quantile of the update norms.
-    adaptive_clipping: bool = False
+    adaptive_clipping: StrictBool = False
     target_quantile: float = Field(0.5, gt=0, lt=1)
-    clip_learning_rate: float = Field(0.2, gt=0, allow_inf_nan=False)
-    clipped_count_stddev: float | None = Field(None, gt=0, allow_inf_nan=False)  # default: clients_per_round / 20
+    clip_learning_rate: float = Field(0.2, gt=0, le=10, allow_inf_nan=False)  # the paper's is 0.2
+    clipped_count_stddev: float | None = Field(None, gt=0, le=1e9, allow_inf_nan=False)  # default: clients_per_round / 20
 
     @model_validator(mode="after")
     def _has_noise(self) -> PrivacyConfig:

@@ -30,6 +30,10 @@ def load_run_model(run_dir: Path) -> tuple[int, torch.nn.Module, Tokenizer, obje
     expected = get_params(model)
     if set(params) != set(expected) or any(params[k].shape != expected[k].shape for k in params):
         raise DataError(f"{rd.checkpoint_path(r)}: tensors do not match the model in config.toml")
+    for name, t in params.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DataError(f"{rd.checkpoint_path(r)}: tensor {name!r} holds NaN or Inf; this model cannot be "
+                            "evaluated or sampled from")
     set_params(model, params)
     model.eval()
     return r, model, tok, cfg

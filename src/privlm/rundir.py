@@ -21,9 +21,11 @@ version, never a torn one. Only safetensors, JSON and TOML are read back.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -126,18 +128,34 @@ class RunDir:
             self._lock_fd = None
 
     def remove_partial_writes(self) -> list[Path]:
-        """Delete temp files that a crash left mid-``atomic_write`` (never read)."""
-        found = [*self.path.glob(".*.tmp"), *(self.path / "checkpoints").glob(".*.tmp")]
+        """Delete temp files that a crash left mid-``atomic_write`` of a file privlm names
+        (``.<name>.<random>.tmp``); a user's own hidden files are left alone."""
+        ours = {self.config_path.name, self.metrics_path.name, self.privacy_path.name, self.head_path.name,
+                self.state_path.name, self.report_path.name, "scrub.json"}
+        found = [p for p in self.path.glob(".*.tmp") if p.name[1:].rsplit(".", 2)[0] in ours]
+        found += [p for p in (self.path / "checkpoints").glob(".round-*.tmp")]
         for p in found:
             p.unlink(missing_ok=True)
         return found
 
     # -- writing -----------------------------------------------------------
-    def create(self) -> None:
-        """Make a fresh run directory; refuse one that already holds a run."""
+    def check_new(self) -> None:
+        """Refuse, before anything is written, a path a new run cannot own: a file, a run, or
+        a folder holding anything else (a run never adopts or overwrites another's files)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise DataError(f"{self.path}: exists and is not a directory; choose another --out")
         if self.privacy_path.exists() or self.metrics_path.exists() or self.state_path.exists():
             raise DataError(f"{self.path}: already holds a run; choose another --out "
                             "(or continue it with --resume)")
+        # (ours: the lock; the Flower launchers' flower/ and an empty checkpoints/, made before the run)
+        if self.path.is_dir() and any(p.name not in (".lock", "flower", "checkpoints")
+                                      or (p.name == "checkpoints" and any(p.iterdir()))
+                                      for p in self.path.iterdir()):
+            raise DataError(f"{self.path}: not empty; a new run needs a new or empty directory (--out)")
+
+    def create(self) -> None:
+        """Make a fresh run directory; refuse one that already holds a run or anything else."""
+        self.check_new()
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def write_config(self, toml_text: str) -> None:
@@ -197,7 +215,8 @@ class RunDir:
         # compares state files byte for byte.
         # ledger_digest: the ledger's chain head after those entries (a resume refuses a ledger
         # whose first ledger_entries entries are not exactly the ones paid then).
-        info = {"round": round_index, "ledger_entries": ledger_entries, "ledger_digest": ledger_digest}
+        info = {"round": round_index, "ledger_entries": ledger_entries, "ledger_digest": ledger_digest,
+                "tensors_sha256": tensors_digest(tensors)}  # flipped bytes are refused on resume
         if clip_norm is not None:  # adaptive clipping: the C of the next round (float repr round-trips)
             info["clip_norm"] = clip_norm
         meta = {"state": json.dumps(info)}
@@ -222,6 +241,8 @@ class RunDir:
                 raise ValueError("ledger_digest is not a string")
             if round_index < 0 or ledger_entries < 0:
                 raise ValueError(f"round {round_index} / ledger_entries {ledger_entries} is negative")
+            if info.get("tensors_sha256") != tensors_digest(tensors):
+                raise ValueError("its tensors do not match their SHA-256 (damaged bytes)")
             clip_norm = float(info["clip_norm"]) if "clip_norm" in info else None
             if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
                 raise ValueError(f"clip_norm {clip_norm} is not a positive number")
@@ -238,6 +259,8 @@ class RunDir:
                 opt_state.setdefault(slot, {})[name] = t
             else:
                 raise DataError(f"{path}: corrupt resume state (unexpected tensor {key!r})")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise DataError(f"{path}: corrupt resume state (tensor {key!r} holds NaN or Inf)")
         return round_index, params, opt_state, ledger_entries, clip_norm, digest
 
     def read_privacy(self) -> dict:
@@ -247,11 +270,18 @@ class RunDir:
         if not self.metrics_path.exists():
             return []
         rows = []
-        for i, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
+        try:
+            text = self.metrics_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{self.metrics_path}: cannot read ({e})") from None
+        for i, line in enumerate(text.splitlines(), 1):
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{self.metrics_path}:{i}: corrupt JSON ({e.msg})") from None
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise DataError(f"{self.metrics_path}:{i}: corrupt JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+            if not (isinstance(row, dict) and isinstance(row.get("round"), int)):
+                raise DataError(f"{self.metrics_path}:{i}: not a metrics row (a JSON object with a 'round')")
+            rows.append(row)
         return rows
 
     def checkpoints(self) -> list[int]:
@@ -275,13 +305,38 @@ class RunDir:
             raise DataError(f"{path}: unreadable checkpoint ({e})") from None
 
 
+MAX_JSON_BYTES = 512 * 2**20  # privacy.json of ~2M ledger entries
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def read_json(path: Path) -> dict:
+    """A run-directory JSON file: a regular file of bounded size, parsed; any problem names it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise DataError(f"{path}: not a regular file")
+            raw = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise DataError(f"{path}: not found (is this a privlm run directory?)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise DataError(f"{path}: larger than {MAX_JSON_BYTES:,} bytes")
+    try:
+        return json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: corrupt JSON ({e})") from None
+    except RecursionError:
+        raise DataError(f"{path}: corrupt JSON (nested too deeply)") from None
 
 
 def open_run_dir(path: Path) -> RunDir:

@@ -169,6 +169,23 @@ def _read_jsonl_records(file: Path) -> list[str]:
     return records
 
 
+def _own_file(folder: Path, child: Path) -> bool:
+    """Whether ``child`` is a client file of ``folder``: a regular file, or a link to one inside it.
+
+    A link that leaves the folder (``/etc/passwd``, ``/proc/self/environ``) or anything but a
+    regular file (a FIFO, a device) is refused, naming it: data is read only from where it was put.
+    """
+    if child.is_symlink():
+        target = child.resolve()
+        if not target.is_relative_to(folder.resolve()):
+            raise data_error(f"{child}: a link to {target}, outside the data folder; copy the file in instead")
+    if child.is_dir():
+        return False
+    if not child.is_file():
+        raise data_error(f"{child}: not a regular file")
+    return True
+
+
 def load_dir(path: Path) -> FederatedCorpus:
     """Load a directory of ``<client_id>.txt`` / ``<client_id>.jsonl`` files, one per client."""
     path = Path(path)
@@ -180,7 +197,7 @@ def load_dir(path: Path) -> FederatedCorpus:
         files = sorted(
             child
             for child in path.iterdir()
-            if child.suffix in _SUFFIXES and not child.name.startswith(".") and child.is_file()
+            if child.suffix in _SUFFIXES and not child.name.startswith(".") and _own_file(path, child)
         )
     except OSError as exc:
         raise data_error(f"{path}: cannot list the directory: {exc.strerror or exc}") from exc

@@ -38,6 +38,9 @@ COARSE_PLD_DISCRETIZATION = 1e-3
 # nor above the maximum.
 MIN_NOISE_MULTIPLIER = 0.05
 MAX_NOISE_MULTIPLIER = 1e4
+# Bounds on the accountant's work: its PLD arrays grow as the loss spread, ~sqrt(T)/z grid steps.
+MAX_ROUNDS = 10_000_000
+MAX_PLD_POINTS = 3e8  # ~5 GB for one complex FFT array: beyond it, refuse rather than exhaust memory
 
 
 @functools.lru_cache(maxsize=4)  # a run uses one (z, q); calibration tries each z once
@@ -82,6 +85,27 @@ def _fresh(kind: AccountantKind, interval: float = PLD_DISCRETIZATION) -> dp_acc
     if kind == "rdp":
         return rdp.RdpAccountant()
     raise ValueError(f"unknown accountant {kind!r} (use 'pld' or 'rdp')")
+
+
+def accounting_problem(sampling_rate: float, noise_multiplier: float, rounds: int) -> tuple[str, str] | None:
+    """Why (q, z, T) cannot be accounted here: ``(which of the three, why)``, or None.
+
+    Values must be finite and in range, and the work bounded: the composed PLD spans
+    about 20 sqrt(T) / z in privacy loss (plus one round's range), on a 1e-4 grid.
+    """
+    q, z, T = sampling_rate, noise_multiplier, rounds
+    if not (isinstance(q, (int, float)) and math.isfinite(q) and 0 < q <= 1):
+        return "sampling_rate", f"{q!r} is not a number in (0, 1]"
+    if not (isinstance(z, (int, float)) and math.isfinite(z) and MIN_NOISE_MULTIPLIER <= z <= MAX_NOISE_MULTIPLIER):
+        return "noise_multiplier", (f"{z!r} is outside [{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}] "
+                                    "(below it epsilon is in the hundreds and the accountant's work explodes)")
+    if not (isinstance(T, int) and 0 <= T <= MAX_ROUNDS):
+        return "rounds", f"{T!r} is outside [0, {MAX_ROUNDS:,}]"
+    points = (20 * math.sqrt(T) / z + 1 / (2 * z * z) + 20 / z) / PLD_DISCRETIZATION
+    if points > MAX_PLD_POINTS:
+        return "rounds", (f"{T:,} rounds at z={z:g} would need ~{points:.1e} accountant grid points (at most "
+                          f"{MAX_PLD_POINTS:.0e}: about 5 GB); use fewer rounds or more noise")
+    return None
 
 
 def round_event(sampling_rate: float, noise_multiplier: float) -> dp_accounting.DpEvent:

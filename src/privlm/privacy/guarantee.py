@@ -70,6 +70,7 @@ def guarantee_record(
     adaptive_clipping: dict | None = None,
     pseudo_users: int | None = None,
     with_ledger: bool = True,
+    runtime: str | None = None,
 ) -> dict:
     """The content of ``privacy.json``.
 
@@ -144,6 +145,7 @@ def guarantee_record(
                       "this guarantee means little.")
     return {
         "mode": mode,
+        "runtime": runtime,
         "unit": "pseudo-user" if (mode == "user" and pseudo_users) else {"user": "user", "example": "record"}.get(mode),
         "pseudo_users_per_client": pseudo_users,
         "epsilon": eps if eps is not None and math.isfinite(eps) else None,

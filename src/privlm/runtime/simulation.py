@@ -47,6 +47,7 @@ from privlm.runtime.training import (build_model, client_generator, derived_seed
 from privlm.runtime.workers import ProcessWorkers, remove_stale_token_files
 from privlm.privacy.accountant import (
     BudgetCheck,
+    accounting_problem,
     calibrate_noise_multiplier,
     default_delta,
     epsilon_for,
@@ -117,7 +118,15 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> RunConfig:
     z = p.noise_multiplier
     if z is None:
         assert p.target_epsilon is not None
-        z = calibrate_noise_multiplier(p.target_epsilon, q, cfg.federation.rounds, delta, p.accountant)
+        if (problem := accounting_problem(q, 1.0, cfg.federation.rounds)) is not None:
+            raise ConfigError(f"federation.rounds: {problem[1]}")
+        try:
+            z = calibrate_noise_multiplier(p.target_epsilon, q, cfg.federation.rounds, delta, p.accountant)
+        except ValueError as e:
+            raise ConfigError(f"privacy.target_epsilon: {p.target_epsilon:g} cannot be met: {e}") from None
+    if (problem := accounting_problem(q, z, cfg.federation.rounds)) is not None:
+        key = "privacy.noise_multiplier" if problem[0] == "noise_multiplier" else "federation.rounds"
+        raise ConfigError(f"{key}: {problem[1]}")
     budget = p.budget
     if budget is not None:
         one = epsilon_for([round_event(q, z)], delta, p.accountant)
@@ -160,6 +169,8 @@ def _sampling_rng(cfg: RunConfig, round_index: int) -> np.random.Generator:
 
 class Simulation:
     """One run of (DP-)FedAvg over a corpus, in this process."""
+
+    runtime_kind = "in-process"  # where the clients' data lives; a resume must match it
 
     def __init__(self, cfg: RunConfig, corpus: FederatedCorpus | None = None, progress: bool = False,
                  audit_plan: AuditPlan | None = None) -> None:
@@ -505,7 +516,7 @@ class Simulation:
             clients_per_round=self.algo.clients_per_round, rounds_completed=rounds_completed,
             seeded_noise=p.seeded_noise, budget=p.budget if p.mode != "none" else None,
             stopped=stopped, population=self.population, pseudo_users=self.cfg.data.pseudo_users,
-            with_ledger=with_ledger,
+            with_ledger=with_ledger, runtime=self.runtime_kind,
             adaptive_clipping={
                 "initial_clip_norm": p.clip_norm, "target_quantile": a.target_quantile,
                 "learning_rate": a.learning_rate, "clipped_count_stddev": a.count_stddev,
@@ -528,6 +539,8 @@ class Simulation:
         continues after its last completed round (see :meth:`_resume`).
         """
         rd = RunDir(out or self.cfg.output.dir or default_run_dir())
+        if not resume:
+            rd.check_new()  # before anything is written there
         rd.lock()  # one live run per directory; released by the kernel if we die
         self.workdir = rd.path
         try:
@@ -580,6 +593,10 @@ class Simulation:
         record = rd.read_privacy()
         if not isinstance(record, dict):
             raise DataError(f"{rd.privacy_path}: corrupt (not a JSON object)")
+        kind = record.get("runtime") or ("flower" if "Flower nodes" in str(record.get("population")) else "in-process")
+        if kind != self.runtime_kind:
+            raise DataError(f"{rd.privacy_path}: a run on the {kind} runtime; it cannot be resumed {self.runtime_kind}"
+                            " (the server would load every node's data itself): start a new run instead")
         if record.get("mode") != self.cfg.privacy.mode:
             raise DataError(f"{rd.privacy_path}: mode {record.get('mode')!r} does not match config.toml's "
                             f"{self.cfg.privacy.mode!r}")
@@ -604,6 +621,7 @@ class Simulation:
             raise DataError(f"{rd.path / 'audit'}: the audit canaries differ from the ones this run trained "
                             "with (pass the saved plan: privlm.resume / privlm run --resume load it)")
         done, params, opt_state, paid_entries, clip_norm, state_digest = rd.load_state()
+        metrics = [m for m in rd.read_metrics() if m["round"] <= done]  # (validated before anything is written)
         if (clip_norm is not None) != (self.algo.adaptive is not None):
             raise DataError(f"{rd.state_path}: its clip norm state does not match privacy.adaptive_clipping "
                             "in config.toml; is config.toml the run's own?")
@@ -653,7 +671,6 @@ class Simulation:
             self.epsilon = max(self.silo_epsilon.values())
             self._eps_entries = len(ledger)
         self._write_ledger(rd, done)  # (lost marks, if any, and the exact epsilon of the ledger)
-        metrics = [m for m in rd.read_metrics() if m.get("round", 0) <= done]
         return dp_fedavg.ServerState(params=params, opt_state=opt_state, round=done,
                                      clip_norm=clip_norm if clip_norm is not None else self.algo.clip_norm), metrics
 
@@ -768,6 +785,11 @@ class Simulation:
                     self.noise.generator(r) if self.algo.private else None,  # example: noise is in DP-SGD
                 )
                 fault_point("aggregated", r)
+                bad = next((k for k, v in state.params.items() if not bool(torch.isfinite(v).all())), None)
+                if bad is not None:  # never released: no checkpoint, state or metrics of this round
+                    raise DataError(f"round {r}: the global model became non-finite ({bad!r} holds NaN or Inf); "
+                                    "nothing of this round was saved, and its ledger entry stays counted. "
+                                    "Lower client.lr or server.lr, or check privacy.clip_norm")
                 # 3. Release: metrics, checkpoint, resume state, privacy.json with the completed count.
                 evaluated = r % c.eval.every == 0 or r == c.federation.rounds
                 if evaluated:

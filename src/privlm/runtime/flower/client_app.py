@@ -37,6 +37,7 @@ from privlm.data.scrub import scrub_corpus, settings_for_run
 from privlm.errors import ConfigError
 from privlm.federated.client import LocalTraining, evaluate_sums, local_train
 from privlm.runtime.flower import codec
+from privlm.runtime.flower.lifetime import bind_app_process_to_parent
 from privlm.runtime.training import build_model, client_generator
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 STATE = "privlm"  # the node's run state: config text, client id (ConfigRecord) and tokens (ArrayRecord)
 
 app = ClientApp()
+bind_app_process_to_parent()  # a flwr-clientapp process dies with its SuperNode
 
 
 def load_own_data(cfg: RunConfig, node_config: dict) -> tuple[ClientData, int, dict[str, int] | None]:

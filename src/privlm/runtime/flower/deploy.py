@@ -30,6 +30,7 @@ from pathlib import Path
 from privlm.config import RunConfig
 from privlm.errors import ConfigError, DataError
 from privlm.rundir import RunDir, default_run_dir
+from privlm.runtime.flower.lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,8 @@ class Federation:
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{name}.log", "ab") as out:
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=self.env, cwd=self.root, start_new_session=True)
+                                    env=self.env, cwd=self.root, start_new_session=True,
+                                    preexec_fn=die_with_parent)
         self.procs[name] = proc
         return proc
 

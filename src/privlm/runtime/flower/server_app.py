@@ -32,6 +32,7 @@ from privlm.data.corpus import ClientData, FederatedCorpus
 from privlm.errors import ConfigError, DataError
 from privlm.federated import dp_fedavg
 from privlm.runtime.flower import codec
+from privlm.runtime.flower.lifetime import bind_app_process_to_parent
 from privlm.runtime.simulation import Simulation
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ POLL_SECONDS = 0.05
 
 class FlowerServer(Simulation):
     """A run whose clients are Flower nodes reached through ``grid``."""
+
+    runtime_kind = "flower"  # (privacy.json says so; an in-process resume refuses such a run)
 
     def __init__(self, cfg: RunConfig, grid: Grid, num_nodes: int) -> None:
         if cfg.privacy.mode == "example":
@@ -57,7 +60,8 @@ class FlowerServer(Simulation):
         self.config_text = cfg.to_toml()
         self.node_ids: list[int] = []
         super().__init__(cfg, progress=False)
-        self.population = (f"the {num_nodes} Flower nodes registered when the run started, "
+        # the nodes actually used (more than num_nodes may have registered), never the expected count
+        self.population = (f"the {len(self.node_ids)} Flower nodes registered when the run started, "
                            "each one client")
 
     # -- the population: ask every registered node who it is ------------------
@@ -166,7 +170,7 @@ class FlowerServer(Simulation):
         for node, reply in answers.items():
             m = codec.content_record(reply, codec.METRICS) if reply is not None and not reply.has_error() else None
             values = [_number(m, k) for k in ("loss_sum", "correct", "count")]
-            if any(v is None or v < 0 for v in values):
+            if any(v is None or v < 0 for v in values) or values[1] > values[2] or values[2] > 1e12:
                 log.warning("evaluation: node %s gave no usable answer; left out", node)
                 continue
             loss_sum, correct, count = loss_sum + values[0], correct + values[1], count + values[2]
@@ -191,6 +195,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run config keys: ``config`` (resolved privlm TOML on the server), ``run-dir``, ``nodes``."""
+    bind_app_process_to_parent()  # a flwr-serverapp process dies with its SuperLink
     rc = context.run_config
     cfg = load_config(Path(str(rc["config"])), [])
     server = FlowerServer(cfg, grid, int(rc["nodes"]))
