@@ -346,3 +346,14 @@ def test_flipped_bytes_in_the_resume_state_are_refused(tmp_path):
     state.write_bytes(bytes(data))
     with pytest.raises(DataError, match="do not match their SHA-256"):
         resume(out, progress=False)
+
+
+def test_a_read_only_output_is_one_line_and_writes_nothing(small_disk, tmp_path):
+    """EROFS: the run cannot even create its directory; one line, exit 2."""
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    proc = subprocess.run([sys.executable, "-m", "privlm", "run", *SETS, "--out", str(small_disk / "run"),
+                           "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "Read-only file system" in lines[0] and "Traceback" not in proc.stderr
+    assert list(small_disk.iterdir()) == []
