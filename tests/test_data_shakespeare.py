@@ -77,10 +77,6 @@ def test_shakespeare_counts_match_the_readme(shakespeare) -> None:
     assert stats["test_chars"] == 874_773
 
 
-@needs_shared
-def test_shakespeare_loads_in_under_5_seconds(shakespeare) -> None:
-    _, seconds = shakespeare
-    assert seconds < 5.0
 
 
 @needs_shared

@@ -66,9 +66,7 @@ def test_deploy_local_equals_privlm_run_and_leaves_no_process(shared_data, tmp_p
     """The CI federation: 3 SuperNodes, 2 rounds, against the same run in one process."""
     cfg = _cfg(shared_data)
     ref = Simulation(_cfg(shared_data, "data.silos=3")).run(tmp_path / "sim", progress=False)
-    t0 = time.monotonic()
     run_dir = deploy_local(cfg, 3, tmp_path / "flower", progress=False)
-    elapsed = time.monotonic() - t0
     assert _flower_processes(run_dir) == []
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == len(ref.metrics) == 2
@@ -83,7 +81,6 @@ def test_deploy_local_equals_privlm_run_and_leaves_no_process(shared_data, tmp_p
     assert priv["ledger"] == json.loads((tmp_path / "sim" / "privacy.json").read_text())["ledger"]
     assert priv["num_clients"] == 3 and "3 Flower nodes" in priv["population"]
     assert (run_dir / "report.html").exists() and (run_dir / "flower" / "serverapp.log").exists()
-    assert elapsed < 180, f"deploy-local took {elapsed:.0f} s"
 
 
 def test_a_killed_supernode_is_dropped_and_changes_no_epsilon(shared_data, tmp_path):

@@ -40,6 +40,13 @@ def _entry(q=0.1, z=1.0) -> dict:
                                   "event": {"class": "GaussianDpEvent", "noise_multiplier": z}}}
 
 
+def _plant_plan(tmp: Path) -> None:
+    """A valid canary plan from elsewhere, in a run that planted none."""
+    from privlm.audit import draw_plan, save_plan
+
+    save_plan(tmp / "run", draw_plan([f"c{i}" for i in range(30)], 4, "my number is {secret}", 6, 1, 0.1, 0))
+
+
 def _set_runtime(tmp: Path, runtime: str) -> None:
     """privacy.json of a run made on another runtime (deploy-local writes "flower")."""
     path = tmp / "run" / "privacy.json"
@@ -124,6 +131,10 @@ CASES = [
     ("ledger-deep", lambda t: _ledger(t, "[" * 100_000 + "]" * 100_000), "priv.json"),
     ("metrics-scalar", lambda t: ((t / "run" / "metrics.jsonl").write_text("42\n"),
                                   ["run", "--resume", "run", "--no-progress"])[1], "metrics.jsonl"),
+    ("resume-foreign-scrub", lambda t: ((t / "run" / "scrub.json").write_text('{"counts": {"PERSON": 3}}'),
+                                        ["run", "--resume", "run", "--no-progress"])[1], "scrub.json"),
+    ("resume-foreign-plan", lambda t: (_plant_plan(t), ["run", "--resume", "run", "--no-progress"])[1],
+     "canaries.json"),
     ("resume-a-flower-run", lambda t: (_set_runtime(t, "flower"), ["run", "--resume", "run", "--no-progress"])[1],
      "flower runtime"),
     # checkpoints

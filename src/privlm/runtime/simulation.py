@@ -258,6 +258,9 @@ class Simulation:
                                    a.secret_digits, a.canary_repeats, a.holdout_fraction,
                                    cfg.seed if cfg.privacy.seeded_noise else None, a.update_canaries)
         if audit_plan is not None:
+            if cfg.audit.canaries == 0 and cfg.audit.update_canaries == 0:
+                raise DataError("audit/canaries.json: a canary plan, but config.toml plants no canaries; "
+                                "refusing files this run did not write")
             if audit_plan.update_included and cfg.privacy.mode != "user":
                 raise ConfigError("audit.update_canaries: white-box canaries audit user-level DP "
                                   "(privacy.mode = \"user\"); set it to 0")
@@ -617,6 +620,10 @@ class Simulation:
         if not rd.state_path.exists() and len(ledger) == 0:
             log.warning("%s: the run had not started; starting it from round 0", rd.path)
             return self._start(rd, restart=True)
+        if (rd.path / "scrub.json").exists() != (self.scrub_counts is not None):
+            raise DataError(f"{rd.path / 'scrub.json'}: " + ("present, but config.toml does not scrub"
+                            if self.scrub_counts is None else "missing, but config.toml scrubs")
+                            + "; refusing files this run did not write")
         if load_plan(rd.path) != self.audit_plan:
             raise DataError(f"{rd.path / 'audit'}: the audit canaries differ from the ones this run trained "
                             "with (pass the saved plan: privlm.resume / privlm run --resume load it)")
