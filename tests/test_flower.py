@@ -236,3 +236,36 @@ def test_cli_makes_certificates_node_keys_and_the_app(tmp_path):
     text = (tmp_path / "app" / "pyproject.toml").read_text()
     assert 'serverapp = "privlm.runtime.flower.server_app:app"' in text
     assert runner.invoke(app, ["flower-app", str(tmp_path / "app")]).exit_code == 2
+
+
+def test_the_population_is_the_nodes_actually_used(shared_data):
+    """Issue #26.6: 4 nodes registered where 3 were expected; all 4 are the population and
+    the guarantee says 4 (it said "the 3 Flower nodes" with N = 4)."""
+    server = FlowerServer(_cfg(shared_data, "data.silos=4"), LoopbackGrid(4, 4), 3)
+    assert server.algo.num_clients == 4 and len(server.node_ids) == 4
+    assert "the 4 Flower nodes" in server.population
+    assert "the 4 Flower nodes" in server.privacy_record(0)["guarantee"]
+
+
+class _BoastfulGrid(LoopbackGrid):
+    """Node 1000 answers evaluation with more correct tokens than it scored."""
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        for mid, msg in zip(ids, messages):
+            if msg.metadata.dst_node_id == 1000 and msg.metadata.message_type == "evaluate":
+                self.replies[mid] = Message(RecordDict({codec.METRICS: MetricRecord(
+                    {"loss_sum": 1.0, "correct": 108_049_702.0, "count": 10.0})}), reply_to=msg)
+        return ids
+
+
+def test_a_node_reporting_an_impossible_evaluation_is_left_out(shared_data):
+    """Issue #26.6: a node reported an eval accuracy of 108,049,702."""
+    honest = FlowerServer(_cfg(shared_data, "data.silos=2"), LoopbackGrid(2, 2), 2)
+    boastful = FlowerServer(_cfg(shared_data, "data.silos=2"), _BoastfulGrid(2, 2), 2)
+    from privlm.federated.client import get_params
+
+    params = get_params(honest.model)
+    loss, acc = boastful.evaluate(params)
+    assert 0 <= acc <= 1 and math.isfinite(loss)
+    assert (loss, acc) != honest.evaluate(params)  # node 1000 was left out, node 1001 counted
