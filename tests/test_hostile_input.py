@@ -61,6 +61,12 @@ def _rename_checkpoints(tmp: Path, name: str) -> None:
     (tmp / "run" / "checkpoints" / name).write_bytes(b"not a checkpoint")
 
 
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def _nan_checkpoint(tmp: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -141,6 +147,8 @@ CASES = [
     ("ckpt-name-final", lambda t: (_rename_checkpoints(t, "round-final.safetensors"), ["eval", "run"])[1],
      "checkpoints"),
     ("ckpt-name-bak", lambda t: (_rename_checkpoints(t, "round-0002.bak"), ["generate", "run"])[1], "checkpoints"),
+    ("ckpt-flipped-byte", lambda t: (_flip_last_byte(sorted((t / "run" / "checkpoints").glob("round-*"))[-1]),
+                                     ["eval", "run"])[1], "SHA-256"),
     ("ckpt-nan-generate", lambda t: (_nan_checkpoint(t), ["generate", "run", "--prompt", "a"])[1], "round-0002"),
     # generation options
     ("gen-seed-2^63", lambda t: ["generate", "run", "--seed", str(2**63)], "--seed"),

@@ -199,7 +199,8 @@ class RunDir:
     def save_checkpoint(self, round_index: int, params: dict[str, torch.Tensor]) -> Path:
         path = self.checkpoint_path(round_index)
         tensors = {k: v.detach().contiguous() for k, v in params.items()}
-        atomic_write(path, save(tensors, metadata={"round": str(round_index)}), "mid-write-checkpoint")
+        meta = {"round": str(round_index), "tensors_sha256": tensors_digest(tensors)}  # (always this key order)
+        atomic_write(path, save(tensors, metadata=meta), "mid-write-checkpoint")
         return path
 
     def save_state(self, round_index: int, params: dict[str, torch.Tensor],
@@ -300,9 +301,14 @@ class RunDir:
         r = rounds[-1]
         path = self.checkpoint_path(r)
         try:
-            return r, load_file(path)
+            with safe_open(path, framework="pt") as f:
+                expected = (f.metadata() or {}).get("tensors_sha256")
+            tensors = load_file(path)
         except Exception as e:  # safetensors raises its own error types
             raise DataError(f"{path}: unreadable checkpoint ({e})") from None
+        if expected is not None and expected != tensors_digest(tensors):
+            raise DataError(f"{path}: its tensors do not match their SHA-256 (damaged bytes)")
+        return r, tensors
 
 
 MAX_JSON_BYTES = 512 * 2**20  # privacy.json of ~2M ledger entries
