@@ -199,7 +199,9 @@ class RunDir:
     def save_checkpoint(self, round_index: int, params: dict[str, torch.Tensor]) -> Path:
         path = self.checkpoint_path(round_index)
         tensors = {k: v.detach().contiguous() for k, v in params.items()}
-        meta = {"round": str(round_index), "tensors_sha256": tensors_digest(tensors)}  # (always this key order)
+        # One metadata key: safetensors writes several in no fixed order (checkpoints are compared
+        # byte for byte across runs).
+        meta = {"privlm": json.dumps({"round": round_index, "tensors_sha256": tensors_digest(tensors)})}
         atomic_write(path, save(tensors, metadata=meta), "mid-write-checkpoint")
         return path
 
@@ -302,7 +304,8 @@ class RunDir:
         path = self.checkpoint_path(r)
         try:
             with safe_open(path, framework="pt") as f:
-                expected = (f.metadata() or {}).get("tensors_sha256")
+                info = json.loads((f.metadata() or {}).get("privlm", "{}"))
+            expected = info.get("tensors_sha256") if isinstance(info, dict) else None
             tensors = load_file(path)
         except Exception as e:  # safetensors raises its own error types
             raise DataError(f"{path}: unreadable checkpoint ({e})") from None
