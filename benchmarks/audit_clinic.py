@@ -19,7 +19,7 @@ from pathlib import Path
 
 from privlm.audit import run_audit
 from privlm.config import load_config
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 SETTINGS = {
     "non-private": ["privacy.mode=none"],

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from privlm.config import load_config
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ from privlm.federated.client import LocalTraining, get_params, local_train
 from privlm.runtime.flower import codec
 from privlm.runtime.flower.deploy import deploy_local
 from privlm.runtime.flower.ray_simulation import run_flower_simulation
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 
 MINE = ("in-process", "in-process-workers-2", "in-process-processes-2")  # privlm's own runtimes

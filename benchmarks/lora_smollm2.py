@@ -24,7 +24,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "examples" / "smollm2-clinic.toml
 def one(variant: str, overrides: list[str]) -> dict:
     from privlm.config import load_config
     from privlm.federated.client import get_params
-    from privlm.runtime.simulation import Simulation
+    from privlm.api import Simulation
 
     mode = ["privacy.mode=none"] if variant == "nonprivate" else []
     cfg = load_config(CONFIG, [*mode, *overrides])

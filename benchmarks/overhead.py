@@ -31,7 +31,7 @@ from privlm.federated.client import lm_loss, make_optimizer
 from privlm.privacy import epsilon_for
 from privlm.privacy.ledger import Ledger
 from privlm.privacy.mechanism import NoiseSource
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 
 def _sim(mode: str, extra=()) -> Simulation:

@@ -10,13 +10,20 @@ consecutive ``stop_when`` calls (one per completed round), median over the round
 first; the two cohort sizes alternate, A/B, ``--reps`` times.
 
     python benchmarks/round_fixed_cost.py --out benchmarks/out --label after
+
+``--compare REF`` measures this tree against git revision REF side by side: each measurement
+is a fresh process (``PYTHONPATH`` = that tree's ``src``), alternating REF / this tree.
+
+    python benchmarks/round_fixed_cost.py --compare e723fae --reps 4 --out benchmarks/out
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +34,7 @@ import torch
 import privlm.federated.client as client_mod
 from privlm.config import load_config
 from privlm.federated.aggregation import RunningSum
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 POPULATION = 2400
 
@@ -42,7 +49,7 @@ def _stub_training(update: dict[str, torch.Tensor]):
     patched = []
     for mod in list(sys.modules.values()):
         if getattr(mod, "local_train", None) is real:
-            setattr(mod, "local_train", local_train)
+            mod.local_train = local_train
             patched.append(mod)
     return lambda: [setattr(m, "local_train", real) for m in patched]
 
@@ -79,14 +86,59 @@ def one_run(cohort: int, rounds: int) -> dict:
             "model_params": sum(v.numel() for v in params.values())}
 
 
+def compare(ref: str, reps: int, rounds: int, out: Path) -> None:
+    """REF vs this tree, each measurement a fresh process, alternating."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "ref"
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), ref],
+                       check=True, capture_output=True)
+        try:
+            trees = {ref: tree / "src", "this tree": root / "src"}
+            got: dict[str, dict[int, list[dict]]] = {k: {12: [], 240: []} for k in trees}
+            for rep in range(reps):
+                order = list(trees) if rep % 2 == 0 else list(trees)[::-1]
+                for cohort in (12, 240):
+                    for label in order:
+                        env = {**os.environ, "PYTHONPATH": str(trees[label])}
+                        r = subprocess.run([sys.executable, __file__, "--one", str(cohort), "--rounds", str(rounds)],
+                                           env=env, capture_output=True, text=True, check=True)
+                        got[label][cohort].append(json.loads(r.stdout.strip().splitlines()[-1]))
+        finally:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    result = {}
+    for label, by in got.items():
+        result[label] = {}
+        for cohort, rs in by.items():
+            fixed = [1e3 * (r["round_s"] - r["clip_sum_s"]) for r in rs]
+            result[label][str(cohort)] = {"fixed_ms_median": round(statistics.median(fixed), 2),
+                                          "fixed_ms_all": [round(f, 2) for f in fixed],
+                                          "round_ms_median": round(1e3 * statistics.median(r["round_s"] for r in rs), 2)}
+            print(f"{label:>10}  cohort {cohort:>3}: fixed cost {result[label][str(cohort)]['fixed_ms_median']:7.2f} ms/round "
+                  f"(all: {result[label][str(cohort)]['fixed_ms_all']})")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "round_fixed_cost_compare.json"
+    path.write_text(json.dumps({"ref": ref, "reps": reps, "rounds": rounds, "population": POPULATION,
+                                "results": result}, indent=1))
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     ap.add_argument("--label", default="current")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--compare", metavar="REF", help="measure against this git revision, side by side")
+    ap.add_argument("--one", type=int, metavar="COHORT", help=argparse.SUPPRESS)  # one measurement, JSON out
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.one:
+        print(json.dumps(one_run(args.one, args.rounds)))
+        return
+    if args.compare:
+        compare(args.compare, args.reps, args.rounds, args.out)
+        return
     runs: dict[int, list[dict]] = {12: [], 240: []}
     for rep in range(args.reps):
         for cohort in (12, 240) if rep % 2 == 0 else (240, 12):
@@ -101,9 +153,10 @@ def main() -> None:
             "clip_sum_ms_median": round(1e3 * statistics.median(r["clip_sum_s"] for r in rs), 2),
             "mean_sampled": rs[0]["mean_sampled"], "model_params": rs[0]["model_params"],
         }
+        s = summary[str(cohort)]
         print(f"cohort {cohort:>3} (population {POPULATION}, {args.rounds} rounds, default GPT "
-              f"{rs[0]['model_params']:,} params): fixed cost {summary[str(cohort)]['fixed_ms_median']:.2f} ms/round "
-              f"(round {summary[str(cohort)]['round_ms_median']:.2f} ms, clip+sum {summary[str(cohort)]['clip_sum_ms_median']:.2f} ms)")
+              f"{rs[0]['model_params']:,} params): fixed cost {s['fixed_ms_median']:.2f} ms/round "
+              f"(round {s['round_ms_median']:.2f} ms, clip+sum {s['clip_sum_ms_median']:.2f} ms)")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"round_fixed_cost_{args.label}.json"
     path.write_text(json.dumps({"label": args.label, "reps": args.reps, "rounds": args.rounds,

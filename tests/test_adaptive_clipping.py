@@ -16,7 +16,7 @@ from privlm.errors import ConfigError
 from privlm.federated import dp_fedavg
 from privlm.federated.dp_fedavg import AdaptiveClipping, Contribution, DPFedAvg
 from privlm.privacy import epsilon_for
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 M = 100  # clients per round (q = 1 here: every client every round)
 

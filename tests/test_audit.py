@@ -14,7 +14,6 @@ from privlm.cli import app
 from privlm.config import load_config
 from privlm.data.corpus import ClientData, FederatedCorpus
 from privlm.errors import ConfigError, DataError
-from privlm.federated import dp_fedavg
 
 
 def test_exposure_of_a_canary_ranked_first_is_log2_r():
@@ -88,7 +87,7 @@ def test_audit_config_errors():
 
 
 def _audit_run(tmp_path, name: str):
-    from privlm.runtime.simulation import Simulation
+    from privlm.api import Simulation
 
     data = tmp_path / "notes.jsonl"
     if not data.exists():
@@ -118,8 +117,10 @@ def test_audit_passes_an_honest_run_and_catches_noise_100x_too_small(tmp_path, m
     assert ok["membership"]["members"] == 36 and ok["membership"]["nonmembers"] == 4
     assert ok["pii"]["generations"] == 3
 
-    real = dp_fedavg.dp_mean
-    monkeypatch.setattr(dp_fedavg, "dp_mean", lambda s, z, n, g: real(s, z / 100, n, g))
+    import privlm.mechanisms.gaussian as gaussian
+
+    real = gaussian.dp_mean
+    monkeypatch.setattr(gaussian, "dp_mean", lambda s, z, n, g: real(s, z / 100, n, g))
     broken = _audit_run(tmp_path, "broken")
     assert broken.epsilon == pytest.approx(honest.epsilon)  # the ledger claims the same
     r = CliRunner().invoke(app, ["audit", str(broken.run_dir), *AUDIT])
@@ -134,7 +135,7 @@ def test_audit_passes_an_honest_run_and_catches_noise_100x_too_small(tmp_path, m
 
 
 def test_resume_refuses_other_canaries_than_the_run_trained_with(tmp_path):
-    from privlm.runtime.simulation import Simulation, resume
+    from privlm.api import Simulation, resume
 
     cfg = load_config(None, ["data.num_clients=20", "federation.rounds=2", "federation.clients_per_round=5",
                              "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "client.local_steps=1",
@@ -147,7 +148,7 @@ def test_resume_refuses_other_canaries_than_the_run_trained_with(tmp_path):
 
 
 def test_update_canaries_need_user_level_dp():
-    from privlm.runtime.simulation import Simulation
+    from privlm.api import Simulation
 
     cfg = load_config(None, ["data.num_clients=20", "privacy.mode=none", "audit.update_canaries=5"])
     with pytest.raises(ConfigError, match="audit.update_canaries: white-box canaries audit user-level DP"):

@@ -1,7 +1,10 @@
 """The command line: epsilon/calibrate equal the library, errors are one line with exit 2,
 and run -> eval -> generate works on a run directory."""
 
+import ast
+import inspect
 import json
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -81,3 +84,71 @@ def test_data_download_command_checks_sums(shared_data, tmp_path, monkeypatch):
     assert len(files) == 1 and files[0].stat().st_size == 1_115_394
     res = runner.invoke(app, ["data", "download", "sonnets"])
     assert res.exit_code == 2 and "sonnets" in res.output
+
+
+def _federation_failure(*args, **kwargs):
+    from privlm.errors import FederationError
+
+    raise FederationError("node 3: the SuperNode process exited with code 1 (runs/x/privacy.json keeps "
+                          "every round that started)")
+
+
+def test_a_federation_error_is_one_line_exit_2(monkeypatch):
+    import privlm.inference
+
+    monkeypatch.setattr(privlm.inference, "evaluate_run", _federation_failure)
+    res = runner.invoke(app, ["eval", "somewhere"])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: node 3: the SuperNode process exited"), res.stderr
+    assert res.stdout == ""
+
+
+def test_a_federation_error_through_the_privlm_command(monkeypatch, capsys):
+    """The console script (entry) reports it the same way: one line on stderr, exit code 2."""
+    import privlm.inference
+    from privlm import cli
+
+    monkeypatch.setattr(privlm.inference, "evaluate_run", _federation_failure)
+    monkeypatch.setattr(sys, "argv", ["privlm", "eval", "somewhere"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.entry()
+    out = capsys.readouterr()
+    assert exit_.value.code == 2
+    lines = [line for line in (out.err + out.out).splitlines() if line.strip()]
+    assert len(lines) == 1 and "node 3: the SuperNode process exited" in out.err, lines
+    assert "Traceback" not in out.err
+
+
+def test_debug_reraises_a_privlm_error_for_its_traceback(monkeypatch):
+    import privlm.inference
+    from privlm import cli
+    from privlm.errors import FederationError
+
+    monkeypatch.setattr(privlm.inference, "evaluate_run", _federation_failure)
+    monkeypatch.setitem(cli._state, "debug", False)
+    res = runner.invoke(app, ["--debug", "eval", "somewhere"])
+    assert isinstance(res.exception, FederationError)
+
+
+def test_cli_has_one_privlm_error_handler():
+    """Issue #19: commands raise; one handler (the click group's) turns a PrivlmError into a line."""
+    import privlm.errors
+    from privlm import cli
+
+    ours = {name for name, obj in vars(privlm.errors).items()
+            if inspect.isclass(obj) and issubclass(obj, privlm.errors.PrivlmError)}
+    assert {"PrivlmError", "ConfigError", "DataError", "FederationError"} <= ours
+
+    def names(node):
+        if node is None:
+            return set()
+        parts = node.elts if isinstance(node, ast.Tuple) else [node]
+        return {p.id if isinstance(p, ast.Name) else p.attr for p in parts if isinstance(p, (ast.Name, ast.Attribute))}
+
+    tree = ast.parse(inspect.getsource(cli))
+    handlers = [h for h in ast.walk(tree) if isinstance(h, ast.ExceptHandler) and names(h.type) & ours]
+    assert len(handlers) <= 1, [h.lineno for h in handlers]
+    main_guards = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+    assert all(n is tree.body[-1] for n in main_guards), "if __name__ == '__main__' belongs at the end"

@@ -64,3 +64,32 @@ def test_resolved_toml_roundtrips(tmp_path):
     p.write_text(cfg.to_toml())
     assert load_config(p) == cfg
     assert RunConfig.model_validate(cfg.model_dump()) == cfg
+
+
+def test_privacy_mechanism_table_is_the_flat_keys_in_another_form():
+    """[privacy.mechanism] (a union told apart by ``kind``) and the flat keys build the same mechanism;
+    a stored config.toml of either form reads back the same; mixing the forms is refused."""
+    from privlm.build import make_mechanism, resolve_privacy
+    from privlm.config import config_from_toml
+
+    base = ["privacy.noise_multiplier=1.0", "federation.clients_per_round=10"]
+    table = load_config(None, [*base, "privacy.mechanism.kind=adaptive", "privacy.mechanism.target_quantile=0.7",
+                               "privacy.mechanism.learning_rate=0.3"])
+    flat = load_config(None, [*base, "privacy.adaptive_clipping=true", "privacy.target_quantile=0.7",
+                              "privacy.clip_learning_rate=0.3"])
+    mechanisms = []
+    for cfg in (table, flat):
+        resolved, _ = resolve_privacy(cfg, 100)
+        stored = config_from_toml(resolved.to_toml())
+        assert stored.privacy.user_mechanism == resolved.privacy.user_mechanism
+        mechanisms.append(make_mechanism(stored, 100))
+    assert mechanisms[0] == mechanisms[1] and mechanisms[0].adaptive.count_stddev == 10 / 20
+    assert table.privacy.clip_norm == flat.privacy.clip_norm == 0.1  # the paper's initial C, both forms
+    assert make_mechanism(load_config(None, [*base, "privacy.mechanism.kind=gaussian"]), 100) == \
+        make_mechanism(load_config(None, base), 100)
+    for bad, words in ([["privacy.mechanism.kind=adaptive", "privacy.target_quantile=0.6"], "use one form"],
+                       [["privacy.mechanism.kind=median"], "privacy.mechanism"],
+                       [["privacy.mode=none", "privacy.mechanism.kind=gaussian"], "user-level mechanism"],
+                       [["privacy.mechanism.kind=gaussian", "privacy.mechanism.target_quantile=0.5"], "target_quantile"]):
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, bad)

@@ -14,7 +14,7 @@ from privlm.config import load_config
 from privlm.data.corpus import ClientData, FederatedCorpus, split_into_pseudo_users
 from privlm.errors import ConfigError
 from privlm.federated.client import get_params
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 from privlm.runtime.training import resolve_device
 
 TINY = ["data.source=synthetic-clinic", "data.num_clients=40", "data.scrub.enabled=false",

@@ -25,7 +25,7 @@ from privlm.models import GPT, GPTConfig
 from privlm.privacy.accountant import PLD_DISCRETIZATION
 from privlm.privacy.mechanism import clip_update
 from privlm.errors import ConfigError
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 BASE = ["privacy.mode=example", "data.num_clients=40", "data.silos=4", "federation.rounds=3",
         "federation.clients_per_round=4", "client.local_steps=3", "client.batch_size=8",
@@ -155,7 +155,8 @@ def test_silos_over_the_budget_stop_contributing(tmp_path):
     # Every silo runs the same public mechanism; the budget is what 2 of the 3 rounds cost.
     probe = Simulation(load_config(None, [*BASE, "privacy.noise_multiplier=1.0", "privacy.target_epsilon=100"]))
     delta = probe.cfg.privacy.delta
-    (plan,) = {(s.dp.sampling_rate, s.steps) for s in probe.silos.values()}  # one mechanism for all
+    mech = probe.algo.mechanism  # one public mechanism for every silo
+    plan = (mech.dp.sampling_rate, mech.steps)
     costs = [_direct_epsilon(plan[0], 1.0, k * plan[1], delta) for k in (1, 2, 3)]
     budget = (costs[1] + costs[2]) / 2
     cfg = load_config(None, [*BASE, "privacy.noise_multiplier=1.0", f"privacy.max_epsilon={budget}",
@@ -190,13 +191,13 @@ def test_the_example_level_mechanism_does_not_depend_on_a_silos_record_count(tmp
     plans, records = [], []
     for extra in (False, True):
         sim = Simulation(load_config(None, args), corpus=_silo_corpus(extra))
-        plans.append([(s.dp, s.steps) for s in sim.silos.values()])
+        plans.append((sim.algo.mechanism.dp, sim.algo.mechanism.steps, len(sim.silos)))
         sim.run(tmp_path / f"run-{extra}", progress=False)
         records.append((tmp_path / f"run-{extra}" / "privacy.json").read_text())
         delta = sim.cfg.privacy.delta
         assert delta == pytest.approx(500 ** -1.1)
     assert plans[0] == plans[1]
-    assert plans[0][0][0].sampling_rate == 8 / 500  # client.batch_size / max_records
+    assert plans[0][0].sampling_rate == 8 / 500  # client.batch_size / max_records
     assert records[0] == records[1]
     assert '"records"' not in records[0]
 

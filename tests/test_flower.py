@@ -13,12 +13,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.serverapp import Grid
 
 from privlm.config import load_config
-from privlm.errors import ConfigError, DataError
+from privlm.errors import ConfigError, DataError, FederationError
 from privlm.runtime.flower import codec
 from privlm.runtime.flower.client_app import app as client_app
-from privlm.runtime.flower.server_app import FlowerServer
+from privlm.runtime.flower.server_app import flower_engine
 from privlm.privacy.accountant import epsilon_for, round_event
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 TINY = [
     "data.source=tinyshakespeare",
@@ -136,7 +136,7 @@ def test_flower_server_equals_the_in_process_run(shared_data, tmp_path):
     cfg = _cfg(shared_data)
     ref = Simulation(cfg).run(tmp_path / "sim", progress=False)
     grid = LoopbackGrid(4, 4)
-    res = FlowerServer(cfg, grid, 4).run(tmp_path / "flower", progress=False)
+    res = flower_engine(cfg, grid, 4).run(tmp_path / "flower", progress=False)
     assert res.rounds_completed == ref.rounds_completed == 3
     sim_rows, fl_rows = ref.metrics, res.metrics
     for a, b in zip(sim_rows, fl_rows):
@@ -182,7 +182,7 @@ def test_garbage_and_silent_nodes_contribute_nothing_and_change_no_epsilon(share
              1005: "silent", 1006: "error"}
     cfg = _cfg(shared_data, "data.silos=7", "federation.clients_per_round=7", "federation.rounds=2",
                "flower.round_timeout=5")  # the silent node costs 5 s a round; answering ones need far less, even loaded
-    res = FlowerServer(cfg, LoopbackGrid(7, 7, kinds), 7).run(tmp_path / "run", progress=False)
+    res = flower_engine(cfg, LoopbackGrid(7, 7, kinds), 7).run(tmp_path / "run", progress=False)
     assert res.rounds_completed == 2
     one_round = round_event(1.0, 0.7)
     for r, row in enumerate(res.metrics, start=1):
@@ -197,13 +197,13 @@ def test_garbage_and_silent_nodes_contribute_nothing_and_change_no_epsilon(share
 
 def test_flower_server_refuses_what_it_cannot_run(shared_data):
     with pytest.raises(ConfigError, match="privacy.mode"):
-        FlowerServer(_cfg(shared_data, "privacy.mode=example"), LoopbackGrid(2, 2), 2)
+        flower_engine(_cfg(shared_data, "privacy.mode=example"), LoopbackGrid(2, 2), 2)
     with pytest.raises(ConfigError, match="audit"):
-        FlowerServer(_cfg(shared_data, "audit.update_canaries=3"), LoopbackGrid(2, 2), 2)
-    with pytest.raises(DataError, match="only 2 of 3 nodes"):
-        FlowerServer(_cfg(shared_data, "flower.node_wait=0.3"), LoopbackGrid(2, 2), 3)
+        flower_engine(_cfg(shared_data, "audit.update_canaries=3"), LoopbackGrid(2, 2), 2)
+    with pytest.raises(FederationError, match="only 2 of 3 nodes"):
+        flower_engine(_cfg(shared_data, "flower.node_wait=0.3"), LoopbackGrid(2, 2), 3)
     with pytest.raises(DataError, match="did not load its data"):  # 5 silos of a 2-way split
-        FlowerServer(_cfg(shared_data, "flower.node_wait=0.3"), LoopbackGrid(2, 99999), 2)
+        flower_engine(_cfg(shared_data, "flower.node_wait=0.3"), LoopbackGrid(2, 99999), 2)
 
 
 def test_cli_makes_certificates_node_keys_and_the_app(tmp_path):
@@ -241,9 +241,9 @@ def test_cli_makes_certificates_node_keys_and_the_app(tmp_path):
 def test_the_population_is_the_nodes_actually_used(shared_data):
     """Issue #26.6: 4 nodes registered where 3 were expected; all 4 are the population and
     the guarantee says 4 (it said "the 3 Flower nodes" with N = 4)."""
-    server = FlowerServer(_cfg(shared_data, "data.silos=4"), LoopbackGrid(4, 4), 3)
-    assert server.algo.num_clients == 4 and len(server.node_ids) == 4
-    assert "the 4 Flower nodes" in server.population
+    server = flower_engine(_cfg(shared_data, "data.silos=4"), LoopbackGrid(4, 4), 3)
+    assert server.algo.num_clients == 4 and len(server.executor.node_ids) == 4
+    assert "the 4 Flower nodes" in server.population.description
     assert "the 4 Flower nodes" in server.privacy_record(0)["guarantee"]
 
 
@@ -261,11 +261,11 @@ class _BoastfulGrid(LoopbackGrid):
 
 def test_a_node_reporting_an_impossible_evaluation_is_left_out(shared_data):
     """Issue #26.6: a node reported an eval accuracy of 108,049,702."""
-    honest = FlowerServer(_cfg(shared_data, "data.silos=2"), LoopbackGrid(2, 2), 2)
-    boastful = FlowerServer(_cfg(shared_data, "data.silos=2"), _BoastfulGrid(2, 2), 2)
+    honest = flower_engine(_cfg(shared_data, "data.silos=2"), LoopbackGrid(2, 2), 2)
+    boastful = flower_engine(_cfg(shared_data, "data.silos=2"), _BoastfulGrid(2, 2), 2)
     from privlm.federated.client import get_params
 
     params = get_params(honest.model)
-    loss, acc = boastful.evaluate(params)
+    loss, acc = boastful.executor.evaluate(params)
     assert 0 <= acc <= 1 and math.isfinite(loss)
-    assert (loss, acc) != honest.evaluate(params)  # node 1000 was left out, node 1001 counted
+    assert (loss, acc) != honest.executor.evaluate(params)  # node 1000 was left out, node 1001 counted

@@ -21,7 +21,7 @@ from privlm.config import load_config
 from privlm.errors import DataError
 from privlm.runtime.flower.certs import make_certificates, make_node_key
 from privlm.runtime.flower.deploy import deploy_local
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 pytestmark = pytest.mark.slow
 

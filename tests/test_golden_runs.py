@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from privlm.config import load_config
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 GOLDEN = Path(__file__).parent / "golden" / "digests.json"
 RECORD = os.environ.get("PRIVLM_RECORD_GOLDEN") == "1"
@@ -117,7 +117,7 @@ def test_a_lora_run_reproduces_its_golden_digest(tmp_path):
 
 def test_a_flower_loopback_run_reproduces_its_golden_digest(shared_data, tmp_path):
     from test_flower import LoopbackGrid, _cfg
-    from privlm.runtime.flower.server_app import FlowerServer
+    from privlm.runtime.flower.server_app import flower_engine
 
-    FlowerServer(_cfg(shared_data), LoopbackGrid(4, 4), 4).run(tmp_path / "run", progress=False)
+    flower_engine(_cfg(shared_data), LoopbackGrid(4, 4), 4).run(tmp_path / "run", progress=False)
     _check("flower-loopback", run_digest(tmp_path / "run"))

@@ -11,7 +11,8 @@ from privlm.config import load_config
 from privlm.privacy import Ledger, epsilon_for
 from privlm.privacy.guarantee import NOT_COVERED, WEAK_DELTA
 from privlm.rundir import RunDir
-from privlm.runtime.simulation import Simulation, resolve_privacy
+from privlm.api import Simulation
+from privlm.build import resolve_privacy
 
 TINY = ["data.num_clients=60", "federation.clients_per_round=6", "federation.rounds=5",
         "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=32",
@@ -75,5 +76,5 @@ def test_a_delta_that_means_little_is_warned_about_and_marked_weak(written, capl
     assert any("delta = 0.299 is above 0.001" in r.message for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        cfg = resolve_privacy(load_config(None, [*TINY, "privacy.delta=1e-6"]), 60)
-    assert cfg.privacy.delta == 1e-6 and not any("above 0.001" in r.message for r in caplog.records)
+        cfg, resolved = resolve_privacy(load_config(None, [*TINY, "privacy.delta=1e-6"]), 60)
+    assert cfg.privacy.delta == resolved.delta == 1e-6 and not any("above 0.001" in r.message for r in caplog.records)

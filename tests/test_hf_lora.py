@@ -19,7 +19,7 @@ from privlm.federated.client import LocalTraining, get_params, local_train
 from privlm.models.hf import resolve_model_path
 from privlm.models.tokenizer import train_bpe
 from privlm.privacy.mechanism import clip_update, global_l2_norm
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 from privlm.runtime.training import threads_per_worker
 
 transformers = pytest.importorskip("transformers")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from privlm.config import load_config
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 TINY = ["data.num_clients=30", "federation.clients_per_round=5", "federation.rounds=2",
         "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=32",
@@ -269,7 +269,7 @@ def test_a_resume_state_with_nan_values_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from privlm.errors import DataError
-    from privlm.runtime.simulation import resume
+    from privlm.api import resume
 
     out = tmp_path / "run"
     Simulation(load_config(None, TINY)).run(out, progress=False)
@@ -355,7 +355,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_loses_nothing(small_disk, t
 def test_flipped_bytes_in_the_resume_state_are_refused(tmp_path):
     """Issue #26.8: damaged tensor bytes in state.safetensors resumed silently."""
     from privlm.errors import DataError
-    from privlm.runtime.simulation import resume
+    from privlm.api import resume
 
     out = tmp_path / "run"
     Simulation(load_config(None, TINY)).run(out, progress=False)

@@ -11,12 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import privlm.runtime.simulation as simulation
+import privlm.runtime.threads as threads_executor
+from privlm.federated.client import local_train
+from privlm.runtime.training import client_generator
 from privlm.config import load_config
 from privlm.errors import ConfigError
 from privlm.federated import dp_fedavg
 from privlm.federated.client import get_params
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 TINY = ["data.source=synthetic-clinic", "data.num_clients=40", "data.scrub.enabled=false",
         "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
@@ -50,7 +52,7 @@ def test_parallel_clients_give_the_sequential_run(tmp_path):
 def test_parallel_clients_stream_in_order_with_bounded_work_in_flight(monkeypatch):
     sim = Simulation(load_config(None, [*TINY, "workers=2"]))
     started, running = [], []
-    real = simulation.local_train
+    real = threads_executor.local_train
 
     def counting(model, params, tokens, cfg, gen):
         started.append(model)
@@ -60,7 +62,7 @@ def test_parallel_clients_stream_in_order_with_bounded_work_in_flight(monkeypatc
         finally:
             running.pop()
 
-    monkeypatch.setattr(simulation, "local_train", counting)
+    monkeypatch.setattr(threads_executor, "local_train", counting)
     ids = list(range(20))
     stream = sim.contributions(dp_fedavg.init(sim.algo, get_params(sim.model)), ids)
     first = next(stream)
@@ -143,33 +145,33 @@ def test_worker_processes_give_the_sequential_run_even_with_dropout(tmp_path):
 def test_worker_processes_stream_in_order_and_an_early_close_leaves_none_busy(tmp_path):
     torch.set_num_threads(_worker_threads())  # the reference below trains with the workers' kernels
     sim = Simulation(load_config(None, [*TINY, "workers=2", "worker_kind=process"]))
-    sim.workdir = tmp_path  # (run() sets it to the run directory)
+    sim.executor.workdir = tmp_path  # (run() sets it to the run directory)
     try:
         state = dp_fedavg.init(sim.algo, get_params(sim.model))
         stream = sim.contributions(state, list(range(10)))
         first = [next(stream) for _ in range(3)]
         assert [c.client_id for c in first] == [sim.corpus.clients[i].client_id for i in range(3)]
         stream.close()  # a consumer that stops early: the updates in flight are drained
-        assert sim._pool is not None and not any(sim._pool._busy)
+        assert sim.executor._pool is not None and not any(sim.executor._pool._busy)
         # the pool still serves the next stream, and each update is the sequential one to the bit
         again = list(sim.contributions(state, [0, 1, 2]))
         for i, c in enumerate(again):
             cid = sim.corpus.clients[i].client_id
-            ref = simulation.local_train(sim.model, state.params, sim.train_tokens[i], sim.local,
-                                         simulation.client_generator(sim.cfg, state.round, cid))
+            ref = local_train(sim.model, state.params, sim.train_tokens[i], sim.local,
+                                         client_generator(sim.cfg, state.round, cid))
             assert c.client_id == cid and c.weight == float(ref.num_tokens)
             assert all(torch.equal(c.update[k], ref.update[k]) for k in ref.update)
         # a client a worker cannot train: an error naming it, and the pool is never read again
         from privlm.runtime.workers import WorkerError
 
-        pool = sim._pool
+        pool = sim.executor._pool
         with pytest.raises(WorkerError, match=r"client nobody: training failed in privlm-client-0"):
             list(pool.train(state.params, 0, [("nobody", 10**9)]))
         assert pool.broken
         with pytest.raises(WorkerError, match="stopped after an error"):
             list(pool.train(state.params, 0, [("x", 0)]))
         assert [c.client_id for c in sim.contributions(state, [4])] == [sim.corpus.clients[4].client_id]
-        assert sim._pool is not pool  # the simulation started new workers
+        assert sim.executor._pool is not pool  # the simulation started new workers
     finally:
         sim.close()
     assert _no_worker_processes_left()
@@ -187,7 +189,7 @@ def test_a_killed_worker_process_stops_the_run_with_its_round_paid(tmp_path):
 
     def kill_a_worker(row):
         if not killed:
-            killed.append(sim._pool.pids[1])
+            killed.append(sim.executor._pool.pids[1])
             os.kill(killed[0], signal.SIGKILL)
         return False
 
@@ -253,8 +255,8 @@ def test_worker_processes_keep_the_clients_tokens_in_the_run_dir_only_while_they
         state = dp_fedavg.init(sim.algo, get_params(sim.model))
         tasks = [(sim.corpus.clients[i].client_id, i) for i in (0, 1, 2, 7)]
         for (cid, i), (got, res) in zip(tasks, pool.train(state.params, 0, tasks), strict=True):
-            ref = simulation.local_train(sim.model, state.params, sim.train_tokens[i], sim.local,
-                                         simulation.client_generator(sim.cfg, 0, cid))
+            ref = local_train(sim.model, state.params, sim.train_tokens[i], sim.local,
+                                         client_generator(sim.cfg, 0, cid))
             assert got == cid and res.num_tokens == ref.num_tokens
             assert all(torch.equal(res.update[k], ref.update[k]) for k in ref.update)
     finally:

@@ -210,7 +210,7 @@ def test_cli_scrub_eval(shared_data, tmp_path):
 
 
 def test_run_scrubs_on_the_clients_and_reports_counts(tmp_path):
-    from privlm.runtime.simulation import Simulation
+    from privlm.api import Simulation
 
     cfg = load_config(None, ["data.num_clients=12", "federation.rounds=1", "federation.clients_per_round=4",
                              "privacy.mode=none", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",

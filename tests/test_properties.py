@@ -58,7 +58,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     for name, field in RunConfig.model_fields.items()
     if name not in ("seed", "runtime", "device", "workers", "worker_kind")
 }
-KNOWN_PATHS = [("seed",), ("runtime",), ("device",), ("workers",), ("worker_kind",)] + [(s, k) for s, keys in SECTIONS.items() for k in keys]
+KNOWN_PATHS = ([("seed",), ("runtime",), ("device",), ("workers",), ("worker_kind",)]
+               + [(s, k) for s, keys in SECTIONS.items() for k in keys])
 
 # Values a key might plausibly be given, good ones included so that valid configs come up too.
 GOOD = {

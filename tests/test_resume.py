@@ -24,7 +24,7 @@ from privlm.errors import DataError
 from privlm.privacy import Ledger, epsilon_for
 from privlm.privacy.ledger import LedgerEntry
 from privlm.rundir import RunDir
-from privlm.runtime.simulation import Simulation, resume
+from privlm.api import Simulation, resume
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from privlm.config import load_config
 from privlm.data import load_corpus
 from privlm.privacy import Ledger, epsilon, epsilon_for
-from privlm.runtime.simulation import Simulation
+from privlm.api import Simulation
 
 TINY = [
     "data.source=tinyshakespeare",
@@ -57,7 +57,7 @@ def test_run_directory_contract(shared_data, tiny_corpus, tmp_path):
     rd = res.run_dir
     resolved = load_config(rd / "config.toml")
     assert resolved.privacy.noise_multiplier == 1.0 and resolved.privacy.delta == pytest.approx(245**-1.1)
-    rows = [json.loads(l) for l in (rd / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert {"round", "train_loss", "eval_loss", "eval_accuracy", "epsilon", "clients", "seconds"} <= set(r)
@@ -150,12 +150,12 @@ def test_ledger_entry_is_on_disk_before_the_parameters_it_pays_for(shared_data, 
                                                                    monkeypatch):
     """Whenever a checkpoint of round r is written, privacy.json on disk already holds r entries,
     and the ledger entry of round r is on disk before round r's clients are even sampled."""
-    from privlm.federated import dp_fedavg as algo_mod
+    from privlm.mechanisms.gaussian import GaussianFedAvg
     from privlm.rundir import RunDir
 
     out = tmp_path / "run"
     seen = []
-    real_save, real_sample = RunDir.save_checkpoint, algo_mod.DPFedAvg.sample_clients
+    real_save, real_sample = RunDir.save_checkpoint, GaussianFedAvg.sample
 
     def ledger_on_disk() -> int:
         return len(json.loads((out / "privacy.json").read_text())["ledger"])
@@ -169,7 +169,7 @@ def test_ledger_entry_is_on_disk_before_the_parameters_it_pays_for(shared_data, 
         return real_sample(self, rng)
 
     monkeypatch.setattr(RunDir, "save_checkpoint", save)
-    monkeypatch.setattr(algo_mod.DPFedAvg, "sample_clients", sample)
+    monkeypatch.setattr(GaussianFedAvg, "sample", sample)
     cfg = _cfg(shared_data, "federation.rounds=3", "federation.clients_per_round=10",
                "client.local_steps=1", "privacy.noise_multiplier=1.0", "output.checkpoint_every=1")
     Simulation(cfg, tiny_corpus).run(out, progress=False)

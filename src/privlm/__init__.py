@@ -9,7 +9,7 @@ Notebook use::
 """
 
 from privlm.config import RunConfig, load_config
-from privlm.errors import ConfigError, DataError, PrivlmError
+from privlm.errors import ConfigError, DataError, FederationError, PrivlmError
 
 __version__ = "0.1.0"
 
@@ -17,9 +17,9 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy: importing privlm should not pull in torch until a run is asked for.
     if name in ("run", "resume", "RunResult"):
-        from privlm.runtime import simulation
+        from privlm import api
 
-        return getattr(simulation, name)
+        return getattr(api, name)
     raise AttributeError(f"module 'privlm' has no attribute {name!r}")
 __all__ = ["RunConfig", "RunResult", "load_config", "run", "resume", "PrivlmError", "ConfigError",
-           "DataError", "__version__"]
+           "DataError", "FederationError", "__version__"]

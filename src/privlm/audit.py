@@ -303,7 +303,7 @@ def mean_token_loss(model: torch.nn.Module, tok, text: str, max_tokens: int = 20
 def run_audit(run_dir: Path, references: int = 2000, generations: int = 50, guesses: int | None = None,
               mia_clients: int = 500, seed: int | None = None) -> dict:
     """Run the four attacks on ``run_dir``; write ``audit.json`` and the report's audit section."""
-    from privlm.data import load_corpus
+    from privlm.data import corpus_of
     from privlm.data.scrub import settings_for_run
     from privlm.inference import load_run_model
     from privlm.rundir import atomic_write, open_run_dir
@@ -345,7 +345,7 @@ def run_audit(run_dir: Path, references: int = 2000, generations: int = 50, gues
     result["epsilon_lower_bound"] = max(bounds) if bounds else None
     result["broken"] = bool(claimed is not None and bounds and max(bounds) > claimed)
 
-    raw = load_corpus(cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed)  # before scrubbing
+    raw = corpus_of(cfg)  # before scrubbing
     if plan is not None and plan.holdout:
         result["membership"] = _membership(model, tok, raw, plan, mia_clients, rng, settings_for_run(cfg))
     else:
@@ -414,7 +414,7 @@ def _update_canary_attack(rd, model, plan: AuditPlan, guesses: int | None, delta
     from safetensors.torch import load_file
 
     from privlm.federated.client import get_params
-    from privlm.runtime.simulation import from_checkpoint
+    from privlm.models.factory import from_checkpoint
 
     first = from_checkpoint(model, load_file(rd.checkpoint_path(0)))
     final = get_params(model)

@@ -7,17 +7,40 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from privlm.errors import PrivlmError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+
+class _Group(TyperGroup):
+    """The CLI's one error handler: every command and subcommand runs inside :meth:`invoke`.
+
+    A :class:`PrivlmError` (bad config, bad data, an impossible budget, a federation
+    failure) becomes one line on stderr and exit code 2; ``--debug`` re-raises it for the
+    traceback. It lives on the click group, so it holds both for the ``privlm`` command
+    (:func:`entry`) and for ``app`` called directly (``typer.testing.CliRunner``).
+    Commands just raise; none catches ``PrivlmError`` itself.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PrivlmError as e:
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Federated language-model training with differential privacy.")
-data_app = typer.Typer(no_args_is_help=True, help="Public data sets for examples and benchmarks.")
+data_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Public data sets for examples and benchmarks.")
 app.add_typer(data_app, name="data")
 console = Console()
 err = Console(stderr=True)
@@ -30,13 +53,6 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on
     _state["debug"] = debug
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-
-
-def _fail(e: Exception) -> None:
-    if _state["debug"]:
-        raise e
-    err.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _one_line(text: str, limit: int = 2000) -> str:
@@ -99,56 +115,52 @@ def run(
     """Train a language model federatedly and write a run directory."""
     from privlm.config import load_config
     from privlm.rundir import open_run_dir
-    from privlm.runtime.simulation import Simulation
+    from privlm.api import Simulation
 
-    try:
+    if resume is not None:
+        if config is not None or set_ or out is not None:
+            raise PrivlmError("--resume: give no CONFIG, --set or --out; a resumed run uses "
+                              "its own config.toml and directory")
+        out = resume
+        cfg = load_config(open_run_dir(resume).config_path, [])
+    else:
+        cfg = load_config(config, set_ or [])
+    if cfg.runtime == "flower-simulation":
         if resume is not None:
-            if config is not None or set_ or out is not None:
-                raise PrivlmError("--resume: give no CONFIG, --set or --out; a resumed run uses "
-                                  "its own config.toml and directory")
-            out = resume
-            cfg = load_config(open_run_dir(resume).config_path, [])
-        else:
-            cfg = load_config(config, set_ or [])
-        if cfg.runtime == "flower-simulation":
-            if resume is not None:
-                raise PrivlmError('--resume: runs of runtime = "flower-simulation" cannot be resumed yet')
-            from privlm.runtime.flower.ray_simulation import run_flower_simulation
+            raise PrivlmError('--resume: runs of runtime = "flower-simulation" cannot be resumed yet')
+        from privlm.runtime.flower.ray_simulation import run_flower_simulation
 
-            console.print("runtime: Flower simulation engine (Ray), one virtual SuperNode per client")
-            _print_result(run_flower_simulation(cfg, out, progress=not no_progress))
-            return
-        from privlm.audit import load_plan
-
-        sim = Simulation(cfg, progress=not no_progress, audit_plan=load_plan(resume) if resume is not None else None)
-        st = sim.corpus.stats()
-        p = sim.cfg.privacy
-        console.print(f"data: {st['name']}: {st['num_clients']} clients, "
-                      f"{st['train_chars']:,} training / {st['test_chars']:,} held-out characters")
-        if sim.scrub_counts is not None:
-            found = ", ".join(f"{k} {v:,}" for k, v in sim.scrub_counts.items()) or "nothing found"
-            console.print(f"scrubbed PII on each client ({cfg.data.scrub.operator}): {found}")
-        if p.mode == "example":
-            console.print(f"privacy: example-level DP-SGD (Opacus) in each of {len(sim.silos)} silos, "
-                          f"C={p.clip_norm}, delta={p.delta:.3g}, budget epsilon={p.budget}")
-        elif p.mode == "user":
-            console.print(f"privacy: user-level DP-FedAvg, q={sim.algo.sampling_rate:.4g}, "
-                          f"z={p.noise_multiplier:.4g}, C={p.clip_norm}, delta={p.delta:.3g}, "
-                          f"budget epsilon={p.budget}")
-        else:
-            console.print("[yellow]privacy: none (plain FedAvg): no guarantee[/]")
-        if resume is not None:
-            console.print(f"resuming {resume}")
-        res = sim.run(out, progress=not no_progress, resume=resume is not None)
-    except PrivlmError as e:
-        _fail(e)
+        console.print("runtime: Flower simulation engine (Ray), one virtual SuperNode per client")
+        _print_result(run_flower_simulation(cfg, out, progress=not no_progress))
         return
+    from privlm.audit import load_plan
+
+    sim = Simulation(cfg, progress=not no_progress, audit_plan=load_plan(resume) if resume is not None else None)
+    st = sim.corpus.stats()
+    p = sim.cfg.privacy
+    console.print(f"data: {st['name']}: {st['num_clients']} clients, "
+                  f"{st['train_chars']:,} training / {st['test_chars']:,} held-out characters")
+    if sim.scrub_counts is not None:
+        found = ", ".join(f"{k} {v:,}" for k, v in sim.scrub_counts.items()) or "nothing found"
+        console.print(f"scrubbed PII on each client ({cfg.data.scrub.operator}): {found}")
+    if p.mode == "example":
+        console.print(f"privacy: example-level DP-SGD (Opacus) in each of {len(sim.silos)} silos, "
+                      f"C={p.clip_norm}, delta={p.delta:.3g}, budget epsilon={p.budget}")
+    elif p.mode == "user":
+        console.print(f"privacy: user-level DP-FedAvg, q={sim.algo.sampling_rate:.4g}, "
+                      f"z={p.noise_multiplier:.4g}, C={p.clip_norm}, delta={p.delta:.3g}, "
+                      f"budget epsilon={p.budget}")
+    else:
+        console.print("[yellow]privacy: none (plain FedAvg): no guarantee[/]")
+    if resume is not None:
+        console.print(f"resuming {resume}")
+    res = sim.run(out, progress=not no_progress, resume=resume is not None)
     if res.stopped:
         console.print(f"[yellow]{res.stopped}[/]")
     console.print(f"run directory: [bold]{res.run_dir}[/]")
     console.print(f"rounds: {res.rounds_completed}  held-out loss: {res.eval_loss:.4f}  "
                   f"next-token accuracy: {res.eval_accuracy:.4f}")
-    if res.epsilon is not None and sim.example:
+    if res.epsilon is not None and p.mode == "example":
         console.print(f"[bold green]guarantee: example-level in each silo (epsilon <= {res.epsilon:.3f} "
                       f"for every silo, delta={res.delta:.3g}; per silo in privacy.json)[/]")
     elif res.epsilon is not None:
@@ -169,27 +181,23 @@ def epsilon(
     """Print epsilon for T rounds of DP-FedAvg at (q, z), or of a run's ledger."""
     from privlm.privacy import accountant as acc
 
-    try:
-        if accountant not in ("pld", "rdp"):
-            raise PrivlmError(f"--accountant: {accountant!r} is not 'pld' or 'rdp'")
-        if ledger is not None:
-            eps, d, per_silo = _ledger_epsilon(ledger, delta, accountant)
-            for silo, e in per_silo.items():  # example-level ledgers: one line per silo, then the max
-                console.print(f"{silo}\t{e:.6g}", highlight=False)
-            console.print(f"{eps:.6g}" if math.isfinite(eps) else "inf", highlight=False)
-            return
-        for name, v in (("--sampling-rate", sampling_rate), ("--noise-multiplier", noise_multiplier),
-                        ("--rounds", rounds), ("--delta", delta)):
-            if v is None:
-                raise PrivlmError(f"{name} is required (or give --ledger)")
-        _check_range("--sampling-rate", sampling_rate, 0, 1, inclusive_hi=True)
-        _check_range("--delta", delta, 0, 1)
-        if (problem := acc.accounting_problem(sampling_rate, noise_multiplier, rounds)) is not None:
-            raise PrivlmError(f"--{problem[0].replace('_', '-')}: {problem[1]}")
-        eps = acc.epsilon(sampling_rate, noise_multiplier, rounds, delta, accountant)  # type: ignore[arg-type]
-    except PrivlmError as e:
-        _fail(e)
+    if accountant not in ("pld", "rdp"):
+        raise PrivlmError(f"--accountant: {accountant!r} is not 'pld' or 'rdp'")
+    if ledger is not None:
+        eps, d, per_silo = _ledger_epsilon(ledger, delta, accountant)
+        for silo, e in per_silo.items():  # example-level ledgers: one line per silo, then the max
+            console.print(f"{silo}\t{e:.6g}", highlight=False)
+        console.print(f"{eps:.6g}" if math.isfinite(eps) else "inf", highlight=False)
         return
+    for name, v in (("--sampling-rate", sampling_rate), ("--noise-multiplier", noise_multiplier),
+                    ("--rounds", rounds), ("--delta", delta)):
+        if v is None:
+            raise PrivlmError(f"{name} is required (or give --ledger)")
+    _check_range("--sampling-rate", sampling_rate, 0, 1, inclusive_hi=True)
+    _check_range("--delta", delta, 0, 1)
+    if (problem := acc.accounting_problem(sampling_rate, noise_multiplier, rounds)) is not None:
+        raise PrivlmError(f"--{problem[0].replace('_', '-')}: {problem[1]}")
+    eps = acc.epsilon(sampling_rate, noise_multiplier, rounds, delta, accountant)  # type: ignore[arg-type]
     console.print(f"{eps:.6g}", highlight=False)
 
 
@@ -232,22 +240,18 @@ def calibrate(
     """Print the smallest noise multiplier whose T rounds meet the target epsilon."""
     from privlm.privacy.accountant import accounting_problem, calibrate_noise_multiplier
 
+    if accountant not in ("pld", "rdp"):
+        raise PrivlmError(f"--accountant: {accountant!r} is not 'pld' or 'rdp'")
+    _check_range("--sampling-rate", sampling_rate, 0, 1, inclusive_hi=True)
+    _check_range("--delta", delta, 0, 1)
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise PrivlmError(f"--target-epsilon: {target_epsilon} is not a finite number > 0")
+    if (problem := accounting_problem(sampling_rate, 1.0, rounds)) is not None or rounds <= 0:
+        raise PrivlmError(f"--rounds: {problem[1] if problem else f'{rounds} is not > 0'}")
     try:
-        if accountant not in ("pld", "rdp"):
-            raise PrivlmError(f"--accountant: {accountant!r} is not 'pld' or 'rdp'")
-        _check_range("--sampling-rate", sampling_rate, 0, 1, inclusive_hi=True)
-        _check_range("--delta", delta, 0, 1)
-        if not (math.isfinite(target_epsilon) and target_epsilon > 0):
-            raise PrivlmError(f"--target-epsilon: {target_epsilon} is not a finite number > 0")
-        if (problem := accounting_problem(sampling_rate, 1.0, rounds)) is not None or rounds <= 0:
-            raise PrivlmError(f"--rounds: {problem[1] if problem else f'{rounds} is not > 0'}")
-        try:
-            z = calibrate_noise_multiplier(target_epsilon, sampling_rate, rounds, delta, accountant)  # type: ignore[arg-type]
-        except ValueError as e:
-            raise PrivlmError(f"--target-epsilon: {target_epsilon:g} cannot be met: {e}") from None
-    except PrivlmError as e:
-        _fail(e)
-        return
+        z = calibrate_noise_multiplier(target_epsilon, sampling_rate, rounds, delta, accountant)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise PrivlmError(f"--target-epsilon: {target_epsilon:g} cannot be met: {e}") from None
     console.print(f"{z:.6g}", highlight=False)
 
 
@@ -256,11 +260,7 @@ def eval_(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> 
     """Held-out loss and next-token accuracy of a run's latest checkpoint, on all clients."""
     from privlm.inference import evaluate_run
 
-    try:
-        r, loss, acc, n = evaluate_run(run_dir)
-    except PrivlmError as e:
-        _fail(e)
-        return
+    r, loss, acc, n = evaluate_run(run_dir)
     console.print(f"round {r}: held-out loss {loss:.4f}, next-token accuracy {acc:.4f} ({n:,} tokens)")
 
 
@@ -275,17 +275,13 @@ def generate(
     """Sample a continuation of PROMPT from a run's latest checkpoint."""
     from privlm.inference import generate_text
 
-    try:
-        if seed is not None and not 0 <= seed < 2**63:
-            raise PrivlmError(f"--seed: {seed} is outside [0, 2^63)")
-        if not (math.isfinite(temperature) and 0 < temperature <= 100):
-            raise PrivlmError(f"--temperature: {temperature} is not a number in (0, 100]")
-        if not 0 <= max_new_tokens <= 1_000_000:
-            raise PrivlmError(f"--max-new-tokens: {max_new_tokens} is outside [0, 1,000,000]")
-        text = generate_text(run_dir, prompt, max_new_tokens, temperature, seed)
-    except PrivlmError as e:
-        _fail(e)
-        return
+    if seed is not None and not 0 <= seed < 2**63:
+        raise PrivlmError(f"--seed: {seed} is outside [0, 2^63)")
+    if not (math.isfinite(temperature) and 0 < temperature <= 100):
+        raise PrivlmError(f"--temperature: {temperature} is not a number in (0, 100]")
+    if not 0 <= max_new_tokens <= 1_000_000:
+        raise PrivlmError(f"--max-new-tokens: {max_new_tokens} is outside [0, 1,000,000]")
+    text = generate_text(run_dir, prompt, max_new_tokens, temperature, seed)
     sys.stdout.write(text + "\n")
 
 
@@ -297,21 +293,13 @@ def data_download(
     """Download a public-domain corpus, checking every file's SHA-256."""
     from privlm.data.download import download
 
-    try:
-        if name not in ("shakespeare", "tinyshakespeare"):
-            raise PrivlmError(f"data set {name!r}: choose shakespeare or tinyshakespeare")
-        path = download(name, to)  # type: ignore[arg-type]
-    except PrivlmError as e:
-        _fail(e)
-        return
+    if name not in ("shakespeare", "tinyshakespeare"):
+        raise PrivlmError(f"data set {name!r}: choose shakespeare or tinyshakespeare")
+    path = download(name, to)  # type: ignore[arg-type]
     console.print(f"{name}: verified files in {path}")
 
 
-if __name__ == "__main__":
-    app()
-
-
-tokenizer_app = typer.Typer(no_args_is_help=True, help="Tokenizers for from-scratch models.")
+tokenizer_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Tokenizers for from-scratch models.")
 app.add_typer(tokenizer_app, name="tokenizer")
 
 
@@ -329,18 +317,14 @@ def tokenizer_train(
     from privlm.data._common import read_utf8
     from privlm.models.tokenizer import train_bpe
 
-    try:
-        if vocab_size < 257:
-            raise PrivlmError(f"--vocab-size: {vocab_size} must be at least 257 (256 bytes + merges)")
-        files = sorted(data.rglob("*.txt")) if data.is_dir() else [data]
-        if not data.exists():
-            raise PrivlmError(f"--data: {data}: not found")
-        if not files:
-            raise PrivlmError(f"--data: {data}: no .txt files")
-        path = train_bpe((read_utf8(f) for f in files), vocab_size, out)
-    except PrivlmError as e:
-        _fail(e)
-        return
+    if vocab_size < 257:
+        raise PrivlmError(f"--vocab-size: {vocab_size} must be at least 257 (256 bytes + merges)")
+    files = sorted(data.rglob("*.txt")) if data.is_dir() else [data]
+    if not data.exists():
+        raise PrivlmError(f"--data: {data}: not found")
+    if not files:
+        raise PrivlmError(f"--data: {data}: no .txt files")
+    path = train_bpe((read_utf8(f) for f in files), vocab_size, out)
     console.print(f"tokenizer ({vocab_size} tokens, from {len(files)} file(s)): [bold]{path}[/]")
 
 
@@ -367,16 +351,12 @@ def scrub(
     from privlm.data.scrub import ScrubSettings, scrub_path
     from privlm.pii import OPERATORS
 
-    try:
-        if operator not in OPERATORS:
-            raise PrivlmError(f"--operator: must be one of {', '.join(OPERATORS)} (got {operator!r})")
-        if workers is not None and workers < 1:
-            raise PrivlmError(f"--workers: must be at least 1 (got {workers})")
-        settings = ScrubSettings(_entities_option(entities), operator, spacy_model)
-        counts = scrub_path(src, dst, fmt, settings, progress=not no_progress, workers=workers)
-    except PrivlmError as e:
-        _fail(e)
-        return
+    if operator not in OPERATORS:
+        raise PrivlmError(f"--operator: must be one of {', '.join(OPERATORS)} (got {operator!r})")
+    if workers is not None and workers < 1:
+        raise PrivlmError(f"--workers: must be at least 1 (got {workers})")
+    settings = ScrubSettings(_entities_option(entities), operator, spacy_model)
+    counts = scrub_path(src, dst, fmt, settings, progress=not no_progress, workers=workers)
     found = ", ".join(f"{k} {v:,}" for k, v in counts.items()) or "no PII found"
     console.print(f"scrubbed into [bold]{escape(str(dst))}[/]: {found}")
 
@@ -395,13 +375,9 @@ def scrub_eval(
 
     from privlm.pii import Detector, evaluate, read_gold
 
-    try:
-        docs = read_gold(gold)
-        detector = Detector(_entities_option(entities), spacy_model)
-        report = evaluate(detector, docs)
-    except PrivlmError as e:
-        _fail(e)
-        return
+    docs = read_gold(gold)
+    detector = Detector(_entities_option(entities), spacy_model)
+    report = evaluate(detector, docs)
     table = Table(title=f"PII detection on {gold.name} ({len(docs):,} texts; "
                         f"{'NER ' + spacy_model if spacy_model else 'patterns only'})")
     for col in ("entity type", "gold", "found", "recall", "detected", "precision"):
@@ -433,17 +409,13 @@ def audit(
     the measured lower bound on ε exceeds the claimed ε (an implementation bug)."""
     from privlm.audit import run_audit
 
-    try:
-        if references < 2:
-            raise PrivlmError(f"--references: must be at least 2 (got {references})")
-        if generations < 0:
-            raise PrivlmError(f"--generations: must be >= 0 (got {generations})")
-        if guesses is not None and guesses < 1:
-            raise PrivlmError(f"--guesses: must be at least 1 (got {guesses})")
-        res = run_audit(run_dir, references, generations, guesses, seed=seed)
-    except PrivlmError as e:
-        _fail(e)
-        return
+    if references < 2:
+        raise PrivlmError(f"--references: must be at least 2 (got {references})")
+    if generations < 0:
+        raise PrivlmError(f"--generations: must be >= 0 (got {generations})")
+    if guesses is not None and guesses < 1:
+        raise PrivlmError(f"--guesses: must be at least 1 (got {guesses})")
+    res = run_audit(run_dir, references, generations, guesses, seed=seed)
     claimed = res["claimed_epsilon"]
     c = res["canaries"]
     u = res["update_canaries"]
@@ -481,7 +453,7 @@ def audit(
 
 def _print_result(run_dir: Path) -> None:
     """The closing lines of ``privlm run``, read back from a finished run directory."""
-    from privlm.runtime.simulation import result_from_run_dir
+    from privlm.api import result_from_run_dir
 
     res = result_from_run_dir(run_dir)
     if res.stopped:
@@ -533,12 +505,10 @@ def deploy_local(
                       + (" with TLS" if tls or certificates else ""))
         run_dir = _deploy(cfg, clients, out, certificates, tls, node_auth, progress=not no_progress)
         _print_result(run_dir)
-    except PrivlmError as e:
-        _fail(e)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted: every Flower process was stopped; the run directory keeps what "
                   "was written (its ledger counts every round that started)[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -552,7 +522,7 @@ def certs(
     from privlm.runtime.flower.certs import make_certificates
 
     if directory.exists() and any(directory.iterdir()):
-        _fail(PrivlmError(f"{directory}: not empty; refusing to overwrite certificates"))
+        raise PrivlmError(f"{directory}: not empty; refusing to overwrite certificates")
     make_certificates(directory, host or ["127.0.0.1", "localhost"], days)
     console.print(f"wrote {escape(str(directory))}/ca.crt, ca.key (keep secret), server.pem, server.key (keep secret)")
 
@@ -565,7 +535,7 @@ def flower_app(
     from privlm.runtime.flower.deploy import write_app
 
     if (directory / "pyproject.toml").exists():
-        _fail(PrivlmError(f"{directory / 'pyproject.toml'}: exists; refusing to overwrite"))
+        raise PrivlmError(f"{directory / 'pyproject.toml'}: exists; refusing to overwrite")
     write_app(directory)
     console.print(f"wrote {escape(str(directory / 'pyproject.toml'))}")
 
@@ -578,10 +548,10 @@ def node_key(
     from privlm.runtime.flower.certs import make_node_key
 
     if path.suffix == ".pub":
-        _fail(PrivlmError(f"{path}: names the public key; give the private key's path (PATH.pub is written "
-                          "beside it)"))
+        raise PrivlmError(f"{path}: names the public key; give the private key's path (PATH.pub is written "
+                          "beside it)")
     if path.exists() or path.with_suffix(".pub").exists():
-        _fail(PrivlmError(f"{path}: exists; refusing to overwrite a key"))
+        raise PrivlmError(f"{path}: exists; refusing to overwrite a key")
     make_node_key(path)
     console.print(f"wrote {escape(str(path))} (private: keep it on this node) and "
                   f"{escape(str(path.with_suffix('.pub')))} (send it to the federation's operator)")
@@ -600,13 +570,15 @@ def sweep(
     from privlm.sweep import sweep as _sweep
 
     if not set_grid:
-        _fail(PrivlmError("--set-grid: give at least one KEY=V1,V2,..."))
-    try:
-        def show(row: dict) -> None:
-            eps = "non-private" if row["epsilon"] is None else f"epsilon {row['epsilon']:.3f}"
-            console.print(f"{escape(json.dumps(row['point']))}: {eps}, accuracy {row['eval_accuracy']:.4f}")
+        raise PrivlmError("--set-grid: give at least one KEY=V1,V2,...")
 
-        _sweep(config, set_ or [], set_grid, out, progress=not no_progress, on_result=show)
-    except PrivlmError as e:
-        _fail(e)
+    def show(row: dict) -> None:
+        eps = "non-private" if row["epsilon"] is None else f"epsilon {row['epsilon']:.3f}"
+        console.print(f"{escape(json.dumps(row['point']))}: {eps}, accuracy {row['eval_accuracy']:.4f}")
+
+    _sweep(config, set_ or [], set_grid, out, progress=not no_progress, on_result=show)
     console.print(f"written: {escape(str(out))}/sweep.json, sweep.md, sweep.png")
+
+
+if __name__ == "__main__":
+    entry()

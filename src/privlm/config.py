@@ -177,6 +177,27 @@ class ExampleLevelConfig(_Section):
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"  # Opacus per-example gradients
 
 
+class GaussianMechanismConfig(_Section):
+    """User-level DP-FedAvg with the fixed clip norm ``privacy.clip_norm`` (the default)."""
+
+    kind: Literal["gaussian"] = "gaussian"
+
+
+class AdaptiveMechanismConfig(_Section):
+    """User-level DP-FedAvg with adaptive clipping (Andrew et al. 2021): ``privacy.clip_norm`` is
+    the initial C (0.1 unless given), moved each round towards a quantile of the update norms."""
+
+    kind: Literal["adaptive"] = "adaptive"
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    learning_rate: float = Field(0.2, gt=0, le=10, allow_inf_nan=False)  # the paper's is 0.2
+    clipped_count_stddev: float | None = Field(None, gt=0, le=1e9, allow_inf_nan=False)  # default: clients_per_round / 20
+
+
+# ``[privacy.mechanism]``, told apart by ``kind``; one class per mechanism of privlm.mechanisms.
+MechanismConfig = Annotated[GaussianMechanismConfig | AdaptiveMechanismConfig, Field(discriminator="kind")]
+_FLAT_ADAPTIVE_KEYS = ("adaptive_clipping", "target_quantile", "clip_learning_rate", "clipped_count_stddev")
+
+
 class PrivacyConfig(_Section):
     mode: Literal["user", "none", "example"] = "user"
     # C: positive and at most the largest value an accepted update may hold
@@ -189,8 +210,10 @@ class PrivacyConfig(_Section):
     accountant: Literal["pld", "rdp"] = "pld"
     seeded_noise: StrictBool = False  # tests only: noise and sampling from `seed`
     example: ExampleLevelConfig = Field(default_factory=ExampleLevelConfig)  # mode = "example"
-    # Adaptive clipping (user mode; Andrew et al. 2021): clip_norm is then the initial C (0.1
-    # unless given), moved each round towards the target quantile of the update norms.
+    # The user-level mechanism: [privacy.mechanism] with kind = "gaussian" | "adaptive" ...
+    mechanism: MechanismConfig | None = None
+    # ... or, as before, the flat keys: adaptive clipping (Andrew et al. 2021), clip_norm then the
+    # initial C (0.1 unless given), moved each round towards the target quantile of the update norms.
     adaptive_clipping: StrictBool = False
     target_quantile: float = Field(0.5, gt=0, lt=1)
     clip_learning_rate: float = Field(0.2, gt=0, le=10, allow_inf_nan=False)  # the paper's is 0.2
@@ -200,13 +223,32 @@ class PrivacyConfig(_Section):
     def _has_noise(self) -> PrivacyConfig:
         if self.mode != "none" and self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError(f"{self.mode} mode needs noise_multiplier or target_epsilon")
-        if self.target_epsilon is not None and math.isinf(self.target_epsilon) and self.mode != "none" and self.noise_multiplier is None:
+        if (self.target_epsilon is not None and math.isinf(self.target_epsilon) and self.mode != "none"
+                and self.noise_multiplier is None):
             raise ValueError("target_epsilon = inf means no privacy: set mode = \"none\" instead")
-        if self.adaptive_clipping and self.mode != "user":
+        if self.mechanism is not None:
+            flat = [k for k in _FLAT_ADAPTIVE_KEYS  # (a stored config.toml lists every default)
+                    if getattr(self, k) != PrivacyConfig.model_fields[k].default]
+            if flat:
+                raise ValueError(f"[privacy.mechanism] and the flat key(s) {', '.join(flat)}: use one form")
+            if self.mode != "user":
+                raise ValueError("[privacy.mechanism] is the user-level mechanism (mode = \"user\")")
+        adaptive = self.user_mechanism.kind == "adaptive"
+        if adaptive and self.mode != "user":
             raise ValueError("adaptive_clipping is for user-level DP (mode = \"user\")")
-        if self.adaptive_clipping and "clip_norm" not in self.model_fields_set:
-            self.clip_norm = 0.1  # the paper's initial C
+        if adaptive and "clip_norm" not in self.model_fields_set:
+            self.clip_norm = 0.1  # the paper's initial C (a default, as the others are)
         return self
+
+    @property
+    def user_mechanism(self) -> GaussianMechanismConfig | AdaptiveMechanismConfig:
+        """The user-level mechanism, from ``[privacy.mechanism]`` or from the flat keys."""
+        if self.mechanism is not None:
+            return self.mechanism
+        if self.adaptive_clipping:
+            return AdaptiveMechanismConfig(target_quantile=self.target_quantile, learning_rate=self.clip_learning_rate,
+                                           clipped_count_stddev=self.clipped_count_stddev)
+        return GaussianMechanismConfig()
 
     @property
     def budget(self) -> float | None:

@@ -13,3 +13,11 @@ class ConfigError(PrivlmError):
 
 class DataError(PrivlmError):
     """Input data is missing or malformed; the message names the file (and line)."""
+
+
+class FederationError(PrivlmError):
+    """A runtime or federation failure: a node, worker process or Flower process that failed.
+
+    The run's ledger stays as paid: every round that started is counted, whether or not it
+    finished, so the privacy spent so far is never understated.
+    """

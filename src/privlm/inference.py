@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from privlm.config import load_config
-from privlm.data import ClientData, FederatedCorpus, load_corpus
+from privlm.data import ClientData, FederatedCorpus, corpus_of
 from privlm.data.scrub import scrub_corpus, settings_for_run
 from privlm.errors import DataError
 from privlm.federated.client import evaluate, get_params, set_params
@@ -19,7 +19,7 @@ def load_run_model(run_dir: Path) -> tuple[int, torch.nn.Module, Tokenizer, obje
     """(round, model with the latest checkpoint loaded, tokenizer, config) of a run."""
     rd = open_run_dir(run_dir)
     cfg = load_config(rd.config_path)
-    from privlm.runtime.simulation import build_model, from_checkpoint
+    from privlm.models.factory import build_model, from_checkpoint
 
     model, tok = build_model(cfg)
     r, tensors = rd.latest_checkpoint()
@@ -41,7 +41,7 @@ def load_run_model(run_dir: Path) -> tuple[int, torch.nn.Module, Tokenizer, obje
 
 def evaluate_run(run_dir: Path) -> tuple[int, float, float, int]:
     r, model, tok, cfg = load_run_model(run_dir)
-    corpus = load_corpus(cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed)
+    corpus = corpus_of(cfg)
     settings = settings_for_run(cfg)
     if settings is not None:  # the held-out text as the run's clients saw it: scrubbed
         held_out = FederatedCorpus(corpus.name, tuple(ClientData(c.client_id, "", c.test) for c in corpus.clients))

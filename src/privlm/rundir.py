@@ -23,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import os
 import stat
 import tempfile
@@ -207,8 +206,9 @@ class RunDir:
 
     def save_state(self, round_index: int, params: dict[str, torch.Tensor],
                    opt_state: dict[str, dict[str, torch.Tensor]], ledger_entries: int = 0,
-                   clip_norm: float | None = None, ledger_digest: str = "") -> None:
-        """The resume state after ``round_index``: parameters and server-optimizer slots."""
+                   mechanism: dict[str, float] | None = None, ledger_digest: str = "") -> None:
+        """The resume state after ``round_index``: parameters, server-optimizer slots, and the
+        mechanism's state (named numbers, e.g. adaptive clipping's ``clip_norm``)."""
         tensors = {f"params/{k}": v.detach().contiguous() for k, v in params.items()}
         for slot, values in opt_state.items():
             tensors.update({f"opt/{slot}/{k}": v.detach().contiguous() for k, v in values.items()})
@@ -220,14 +220,16 @@ class RunDir:
         # whose first ledger_entries entries are not exactly the ones paid then).
         info = {"round": round_index, "ledger_entries": ledger_entries, "ledger_digest": ledger_digest,
                 "tensors_sha256": tensors_digest(tensors)}  # flipped bytes are refused on resume
-        if clip_norm is not None:  # adaptive clipping: the C of the next round (float repr round-trips)
-            info["clip_norm"] = clip_norm
+        for key, value in (mechanism or {}).items():  # (float repr round-trips)
+            if key in info or key in _STATE_KEYS:
+                raise ValueError(f"mechanism state key {key!r} is reserved")
+            info[key] = value
         meta = {"state": json.dumps(info)}
         atomic_write(self.state_path, save(tensors, metadata=meta))
 
     # -- reading -----------------------------------------------------------
     def load_state(self) -> tuple[int, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], int,
-                                  float | None, str | None]:
+                                  dict[str, object], str | None]:
         """Inverse of :meth:`save_state`; a missing or corrupt file is an error, never a fresh start."""
         path = self.state_path
         if not path.exists():
@@ -246,9 +248,7 @@ class RunDir:
                 raise ValueError(f"round {round_index} / ledger_entries {ledger_entries} is negative")
             if info.get("tensors_sha256") != tensors_digest(tensors):
                 raise ValueError("its tensors do not match their SHA-256 (damaged bytes)")
-            clip_norm = float(info["clip_norm"]) if "clip_norm" in info else None
-            if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
-                raise ValueError(f"clip_norm {clip_norm} is not a positive number")
+            mechanism = {k: v for k, v in info.items() if k not in _STATE_KEYS}  # the mechanism checks it
         except Exception as e:  # safetensors raises its own error types
             raise DataError(f"{path}: corrupt resume state ({type(e).__name__}: {e})") from None
         params: dict[str, torch.Tensor] = {}
@@ -264,7 +264,7 @@ class RunDir:
                 raise DataError(f"{path}: corrupt resume state (unexpected tensor {key!r})")
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise DataError(f"{path}: corrupt resume state (tensor {key!r} holds NaN or Inf)")
-        return round_index, params, opt_state, ledger_entries, clip_norm, digest
+        return round_index, params, opt_state, ledger_entries, mechanism, digest
 
     def read_privacy(self) -> dict:
         return read_json(self.privacy_path)
@@ -353,3 +353,24 @@ def open_run_dir(path: Path) -> RunDir:
     if not rd.config_path.exists():
         raise DataError(f"{path}: not a privlm run directory (no config.toml)")
     return rd
+
+
+_STATE_KEYS = ("round", "ledger_entries", "ledger_digest", "tensors_sha256")  # the rest: the mechanism's
+
+
+# Worker processes' token files (privlm.runtime.workers): in the run directory only while they start.
+TOKEN_FILE_PREFIX = ".privlm-worker-tokens-"  # the only names privlm owns in a run directory
+TOKEN_FILE_GLOB = TOKEN_FILE_PREFIX + "*.npy"
+
+
+def remove_stale_token_files(workdir: Path) -> list[Path]:
+    """Delete the token files a run killed during worker start-up left in ``workdir``.
+
+    A started pool leaves none (they are unlinked once every worker has mapped them),
+    but a SIGKILL between writing them and the workers' start cannot clean up. Only
+    privlm's own names (``.privlm-worker-tokens-*.npy``) are touched; returns those removed.
+    """
+    stale = sorted(p for p in Path(workdir).glob(TOKEN_FILE_GLOB) if not p.is_dir())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

@@ -72,7 +72,7 @@ def _name(point: dict[str, str]) -> str:
 def sweep(config: Path | None, sets: list[str], grid_items: list[str], out: Path, progress: bool = True,
           on_result=None) -> list[dict]:
     """Run the grid; returns one row per run (also written to ``out``)."""
-    from privlm.runtime.simulation import run as run_one
+    from privlm.api import run as run_one
 
     grid = parse_grid(grid_items)
     todo = points(grid)

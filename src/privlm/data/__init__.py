@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from privlm.data._common import MAX_FILE_BYTES, MAX_LINE_CHARS, data_error
 from privlm.data.clinic import ENTITY_TYPES, PiiSpan, example_text, generate_clinic, generate_clinic_with_pii
@@ -24,6 +25,9 @@ from privlm.data.tinyshakespeare import load_tinyshakespeare
 from privlm.data.userdata import load_dir, load_jsonl
 from privlm.errors import DataError
 
+if TYPE_CHECKING:
+    from privlm.config import RunConfig
+
 SOURCES: tuple[str, ...] = ("synthetic-clinic", "shakespeare", "tinyshakespeare", "dir", "jsonl")
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "MAX_FILE_BYTES",
     "MAX_LINE_CHARS",
     "SOURCES",
+    "corpus_of",
     "ClientData",
     "FederatedCorpus",
     "PiiSpan",
@@ -46,6 +51,11 @@ __all__ = [
     "load_shakespeare",
     "load_tinyshakespeare",
 ]
+
+
+def corpus_of(cfg: RunConfig) -> FederatedCorpus:
+    """The corpus a run's ``[data]`` section names (before scrubbing, canaries and silos)."""
+    return load_corpus(cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed)
 
 
 def load_corpus(source: str, path: Path | None, num_clients: int, seed: int) -> FederatedCorpus:

@@ -146,12 +146,17 @@ class RunningSum:
         factor = weight
         if self.clip_norm is not None:
             factor *= clip_factor(norm, self.clip_norm)
-            self.clipped += norm > self.clip_norm
+        self.add_scaled(update, factor, weight, self.clip_norm is not None and norm > self.clip_norm)
+        return norm
+
+    def add_scaled(self, update: Mapping[str, torch.Tensor], factor: float, weight: float, clipped: bool) -> None:
+        """``total += factor * update`` for an update already validated (and, under DP, whose
+        ``factor`` already includes its clip scale ``min(1, C'/norm)``: see :meth:`add`)."""
         for k, v in update.items():  # computed in the total's dtype (float64 under DP)
             self.total[k].add_(v, alpha=factor)
         self.count += 1
         self.weight += weight
-        return norm
+        self.clipped += clipped
 
 
 def dp_mean(

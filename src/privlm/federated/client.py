@@ -7,12 +7,15 @@ the client's token windows, return ``local - global``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from privlm.models.params import block_size, get_params, model_device, set_params  # noqa: F401 (re-exported)
 
 Params = dict[str, torch.Tensor]
 
@@ -34,30 +37,10 @@ class ClientResult:
     steps: int
 
 
-def get_params(model: nn.Module) -> Params:
-    """Detached CPU copies of the trainable parameters, by name (shared weights once).
-
-    The server's state always lives in host memory, whatever device trains: clipping,
-    noise and the ledger never depend on where a client's arithmetic ran.
-    """
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-
-
 def model_update(model: nn.Module, global_params: Params) -> Params:
     """``local - global`` for every trained tensor, in host memory like ``global_params``."""
     return {n: p.detach().to(global_params[n].device) - global_params[n]
             for n, p in model.named_parameters() if n in global_params}
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def set_params(model: nn.Module, params: Params) -> None:
-    for n, p in model.named_parameters():
-        if n in params:
-            p.copy_(params[n])
 
 
 def make_windows(tokens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +85,7 @@ def make_optimizer(model: nn.Module, cfg: LocalTraining, fused: bool = True) -> 
     return torch.optim.Adam(params, lr=cfg.lr, foreach=True)
 
 
-def _fused_adam_ok(params: list[torch.Tensor]) -> bool:
+def _fused_adam_ok(params: Sequence[torch.Tensor]) -> bool:
     """Whether torch's fused Adam takes these parameters: float32/64/16/bf16 on the CPU or CUDA."""
     ok = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
     return bool(params) and all(p.dtype in ok and p.device.type in ("cpu", "cuda") for p in params)
@@ -119,7 +102,7 @@ def local_train(
     set_params(model, global_params)
     model.train()
     device = model_device(model)
-    x, y = make_windows(tokens, model.cfg.block_size)
+    x, y = make_windows(tokens, block_size(model))
     num_tokens = int((y >= 0).sum())
     x, y = x.to(device), y.to(device)
     opt = make_optimizer(model, cfg)
@@ -157,7 +140,7 @@ def evaluate_sums(
     """
     set_params(model, params)
     model.eval()
-    xs, ys = zip(*(make_windows(t, model.cfg.block_size) for t in tokens)) if tokens else ((), ())
+    xs, ys = zip(*(make_windows(t, block_size(model)) for t in tokens)) if tokens else ((), ())
     if not xs:
         return 0.0, 0, 0
     x, y = torch.cat(xs), torch.cat(ys)

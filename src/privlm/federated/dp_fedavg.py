@@ -1,36 +1,22 @@
-"""One round of (DP-)FedAvg as ``init`` / ``apply`` over an explicit server state.
+"""One round of FedAvg as ``init`` / ``apply`` over an explicit server state (FedJAX's shape).
 
-User-level DP-FedAvg (McMahan, Ramage, Talwar, Zhang 2018), per round:
+The algorithm is a mechanism (``privlm.mechanisms``: what is sampled, how an update is
+validated and clipped, how the aggregate is released, what a round costs) and a server
+optimizer. ``apply`` is the same for every mechanism:
 
-1. every one of the N clients is sampled independently with probability q
-   (Poisson sampling: the amplification the accountant assumes);
-2. each sampled client trains locally and sends ``local - global``;
-3. the server validates each update (malformed ones are rejected, never
-   summed), clips it to L2 norm C, and adds it to a running sum;
-4. one Gaussian draw of std z*C per coordinate is added to the sum, which is
-   divided by q*N (fixed denominator);
-5. a server optimizer applies that mean.
+    for each contribution (streamed): mechanism.preprocess -> aggregator.add   (or reject)
+    mechanism.release(aggregator.result(), state, noise) -> (mean, new mechanism state)
+    server optimizer step
 
-The round's privacy cost is ``PoissonSampled(q, Gaussian(z))``: the runtime
-records it in the ledger, durably, *before* it calls ``apply``.
-Non-private FedAvg ("none") samples exactly ``clients_per_round`` clients and
-takes the token-weighted mean of unclipped updates (McMahan et al. 2017).
-
-Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with
-Adaptive Clipping"): C lives in the server state and after each round moves
-geometrically towards the target quantile of the update norms,
-``C <- C exp(-eta (b - gamma))``, where b is the noised fraction of updates with
-norm <= C. The count query is a second Gaussian mechanism on the same sample;
-the update noise is raised from z to z' = (z^-2 - (2 sigma_b)^-2)^-1/2 so that the
-two together cost exactly one Gaussian mechanism with multiplier z, which is
-what the ledger records.
+The round's privacy cost, ``mechanism.event(state)``, is recorded in the ledger by the engine,
+durably, *before* it calls ``apply``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,88 +24,68 @@ import dp_accounting
 import numpy as np
 import torch
 
-from privlm.federated.aggregation import (
-    RunningSum,
-    dp_fraction_at_most_clip,
-    dp_mean,
-    validate_update,
-    validate_weight,
-    weighted_mean,
-)
+from privlm.federated.aggregators import AGGREGATORS, Aggregator
 from privlm.federated.server_opt import ServerOptimizer
-from privlm.privacy.accountant import round_event
+from privlm.mechanisms import (AdaptiveClipGaussian, AdaptiveClipping, Contribution, GaussianFedAvg, Mechanism,
+                               NonPrivateFedAvg)
 
 log = logging.getLogger(__name__)
 
 Params = dict[str, torch.Tensor]
 
-
-@dataclass(frozen=True)
-class AdaptiveClipping:
-    """Quantile-based clip norm (Andrew et al. 2021); the defaults are the paper's and TFF's."""
-
-    target_quantile: float = 0.5  # gamma: the fraction of updates meant to be unclipped
-    learning_rate: float = 0.2  # eta, of the geometric update
-    count_stddev: float = 1.0  # sigma_b: std of the noise on the count of unclipped updates
-
-    def update_noise_multiplier(self, z: float) -> float:
-        """z' = (z^-2 - (2 sigma_b)^-2)^-1/2: the update noise that leaves room for the count."""
-        if not 2 * self.count_stddev > z:
-            raise ValueError(f"privacy.clipped_count_stddev: {self.count_stddev:g} is too small for noise "
-                             f"multiplier {z:.4g}: it must exceed z/2 = {z / 2:.4g} (the paper's default is "
-                             "clients_per_round / 20)")
-        return (z**-2 - (2 * self.count_stddev) ** -2) ** -0.5
-
-    def next_clip_norm(self, clip_norm: float, noised_fraction: float) -> float:
-        return clip_norm * math.exp(-self.learning_rate * (noised_fraction - self.target_quantile))
+__all__ = ["AdaptiveClipping", "Contribution", "DPFedAvg", "FedAvg", "RoundStats", "ServerState", "apply", "init"]
 
 
 @dataclass(frozen=True)
-class DPFedAvg:
-    """The algorithm's fixed settings."""
+class FedAvg:
+    """The algorithm's fixed parts: the mechanism, the server optimizer, the aggregator kind."""
 
-    num_clients: int  # N, the population the guarantee is about
-    clients_per_round: int  # expected clients per round, q*N
-    mode: Literal["user", "none"] = "user"
-    clip_norm: float = 1.0  # C; with adaptive clipping the initial C (the state holds the current one)
-    noise_multiplier: float = 1.0  # z: what a round costs (the ledger's multiplier)
+    mechanism: Mechanism
     server_optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
-    adaptive: AdaptiveClipping | None = None
+    aggregator: str = "streaming"  # a key of privlm.federated.aggregators.AGGREGATORS
 
-    def __post_init__(self) -> None:
-        if not 0 < self.clients_per_round <= self.num_clients:
-            raise ValueError("clients_per_round must be in [1, num_clients]")
-        if self.adaptive is not None:
-            if not self.private:
-                raise ValueError("adaptive clipping is part of user-level DP (mode = \"user\")")
-            self.adaptive.update_noise_multiplier(self.noise_multiplier)  # refuses too little count noise
+    # The mechanism's public numbers, for the callers that report them.
+    @property
+    def private(self) -> bool:
+        return self.mechanism.private
 
     @property
-    def update_noise_multiplier(self) -> float:
-        """The multiplier of the noise on the sum of updates (z, or z' with adaptive clipping)."""
-        if self.adaptive is None:
-            return self.noise_multiplier
-        return self.adaptive.update_noise_multiplier(self.noise_multiplier)
+    def num_clients(self) -> int:
+        return self.mechanism.num_clients
+
+    @property
+    def clients_per_round(self) -> int:
+        return self.mechanism.clients_per_round
 
     @property
     def sampling_rate(self) -> float:
-        return self.clients_per_round / self.num_clients
+        return self.mechanism.sampling_rate
 
     @property
-    def private(self) -> bool:
-        return self.mode == "user"
+    def update_noise_multiplier(self) -> float:
+        return self.mechanism.update_noise_multiplier  # type: ignore[attr-defined]
 
-    def round_event(self) -> dp_accounting.DpEvent:
-        """The DP event one round of this algorithm is (for the ledger)."""
-        if not self.private:
-            return dp_accounting.NonPrivateDpEvent()
-        return round_event(self.sampling_rate, self.noise_multiplier)
+    def round_event(self, state: Mapping[str, float] | None = None) -> dp_accounting.DpEvent:
+        return self.mechanism.event(self.mechanism.initial_state() if state is None else state)
 
     def sample_clients(self, rng: np.random.Generator) -> list[int]:
-        """Indices of this round's clients: Poisson(q) for DP, fixed-size otherwise."""
-        if self.private:
-            return np.flatnonzero(rng.random(self.num_clients) < self.sampling_rate).tolist()
-        return sorted(rng.choice(self.num_clients, self.clients_per_round, replace=False).tolist())
+        return self.mechanism.sample(rng)
+
+
+def DPFedAvg(num_clients: int, clients_per_round: int, mode: Literal["user", "none"] = "user",  # noqa: N802
+             clip_norm: float = 1.0, noise_multiplier: float = 1.0,
+             server_optimizer: ServerOptimizer | None = None, adaptive: AdaptiveClipping | None = None) -> FedAvg:
+    """(DP-)FedAvg from its numbers: fixed-clip or adaptive Gaussian, or non-private."""
+    mechanism: Mechanism
+    if mode == "none":
+        if adaptive is not None:
+            raise ValueError("adaptive clipping is part of user-level DP (mode = \"user\")")
+        mechanism = NonPrivateFedAvg(num_clients, clients_per_round)
+    elif adaptive is not None:
+        mechanism = AdaptiveClipGaussian(num_clients, clients_per_round, clip_norm, noise_multiplier, adaptive)
+    else:
+        mechanism = GaussianFedAvg(num_clients, clients_per_round, clip_norm, noise_multiplier)
+    return FedAvg(mechanism, server_optimizer or ServerOptimizer())
 
 
 @dataclass
@@ -127,17 +93,12 @@ class ServerState:
     params: Params
     opt_state: dict
     round: int = 0
-    clip_norm: float | None = None  # C for the next round (changes only with adaptive clipping)
+    mechanism: dict[str, float] = field(default_factory=dict)  # e.g. adaptive clipping's current C
 
-
-@dataclass(frozen=True)
-class Contribution:
-    """What one sampled client hands the server (after local training)."""
-
-    client_id: str
-    update: object  # validated before use: may be anything a client sent
-    weight: float = 1.0  # tokens, for non-private FedAvg; ignored under DP
-    train_loss: float | None = None
+    @property
+    def clip_norm(self) -> float | None:
+        """Adaptive clipping's C for the next round (None for other mechanisms)."""
+        return self.mechanism.get("clip_norm")
 
 
 @dataclass(frozen=True)
@@ -150,49 +111,43 @@ class RoundStats:
     clip_norm: float | None = None  # the C this round clipped to (None: non-private)
 
 
-def init(algo: DPFedAvg, params: Params) -> ServerState:
+def init(algo: FedAvg, params: Params) -> ServerState:
     return ServerState(params={k: v.clone() for k, v in params.items()},
-                       opt_state=algo.server_optimizer.init(params), round=0, clip_norm=algo.clip_norm)
+                       opt_state=algo.server_optimizer.init(params), round=0,
+                       mechanism=algo.mechanism.initial_state())
 
 
 def apply(
-    algo: DPFedAvg,
+    algo: FedAvg,
     state: ServerState,
     contributions: Iterable[Contribution],
     noise: np.random.Generator | None,
+    aggregator: Aggregator | None = None,
 ) -> tuple[ServerState, RoundStats]:
-    """Aggregate a round's contributions (streamed) and step the server optimizer."""
-    clip_norm = state.clip_norm if state.clip_norm is not None else algo.clip_norm
-    running = RunningSum.zeros_like(state.params, clip_norm if algo.private else None)
+    """Preprocess and aggregate a round's contributions (streamed), release, step the server."""
+    mech = algo.mechanism
+    clip_norm = mech.clip_norm(state.mechanism)
+    agg: Aggregator = aggregator if aggregator is not None else AGGREGATORS[algo.aggregator](state.params, clip_norm)
     rejections: list[tuple[str, str]] = []
     losses: list[float] = []
     for c in contributions:
-        reason = validate_update(c.update, state.params)
-        if reason is None and not algo.private:  # under DP every update weighs 1
-            reason = validate_weight(c.weight)
-        if reason is not None:
-            log.warning("rejected update from client %s: %s", c.client_id, reason)
-            rejections.append((c.client_id, reason))
+        record = mech.preprocess(c, state.mechanism, state.params)
+        if isinstance(record, str):
+            log.warning("rejected update from client %s: %s", c.client_id, record)
+            rejections.append((c.client_id, record))
             continue
-        running.add(c.update, 1.0 if algo.private else c.weight)
+        agg.add(record)
         if isinstance(c.train_loss, (int, float)) and math.isfinite(c.train_loss):
             losses.append(float(c.train_loss))
-    if algo.private:
-        if noise is None:
-            raise ValueError("a private round needs a noise generator")
-        mean = dp_mean(running, algo.update_noise_multiplier, algo.clients_per_round, noise)
-        if algo.adaptive is not None:  # after the update noise: the same generator, a fixed order
-            fraction = dp_fraction_at_most_clip(running, algo.adaptive.count_stddev, algo.clients_per_round, noise)
-            clip_norm = algo.adaptive.next_clip_norm(clip_norm, fraction)
-    else:
-        mean = weighted_mean(running)
+    total = agg.result()
+    mean, mech_state = mech.release(total, state.mechanism, noise if mech.private else None)
     params, opt_state = algo.server_optimizer.apply(state.params, state.opt_state, mean)
     stats = RoundStats(
-        clients=running.count,
+        clients=total.count,
         rejected=len(rejections),
-        clipped=running.clipped,
+        clipped=total.clipped,
         train_loss=float(np.mean(losses)) if losses else float("nan"),
         rejections=tuple(rejections),
-        clip_norm=running.clip_norm,
+        clip_norm=total.clip_norm,
     )
-    return ServerState(params=params, opt_state=opt_state, round=state.round + 1, clip_norm=clip_norm), stats
+    return ServerState(params=params, opt_state=opt_state, round=state.round + 1, mechanism=mech_state), stats

@@ -141,7 +141,7 @@ def _dp_optimizer(optimizer: torch.optim.Optimizer, dp: ExampleDP, expected_batc
 
     base = DPOptimizerFastGradientClipping if dp.grad_sample_mode == "ghost" else DPOptimizer
 
-    class _Optimizer(base):
+    class _Optimizer(base):  # type: ignore[valid-type,misc]
         """Opacus's DPOptimizer with privlm's noise source (float64 draw, CSPRNG key) and, for
         per-record gradients (hooks, functorch), privlm's clipping arithmetic: norms, factors and
         the sum in float64 with the margin of :func:`privlm.privacy.mechanism.clip_factor`, so a
@@ -236,6 +236,8 @@ def clipped_sum_of_record_grads(model: nn.Module, x: torch.Tensor, y: torch.Tens
         opt.zero_grad(set_to_none=True)
         _clipped_backward(gsm, opt, x, y, mode)
         if mode == "ghost":  # the second backward pass left the clipped sum in .grad
-            return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            return {n: p.grad.detach().clone() for n, p in model.named_parameters()  # type: ignore[union-attr]
+                    if p.requires_grad}
         opt.clip_and_accumulate()
-        return {n: p.summed_grad.detach().to(p.dtype) for n, p in model.named_parameters() if p.requires_grad}
+        return {n: p.summed_grad.detach().to(p.dtype)  # type: ignore[attr-defined]  # (Opacus sets it)
+                for n, p in model.named_parameters() if p.requires_grad}

@@ -110,7 +110,7 @@ class LoRACausalLM(nn.Module):
         """Adapter tensors under peft's key names (as in ``adapter_model.safetensors``)."""
         from peft import get_peft_model_state_dict
 
-        from privlm.federated.client import set_params
+        from privlm.models.params import set_params
 
         set_params(self, params)
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft).items()}
@@ -118,7 +118,7 @@ class LoRACausalLM(nn.Module):
     def from_checkpoint(self, tensors: Params) -> Params:
         from peft import set_peft_model_state_dict
 
-        from privlm.federated.client import get_params
+        from privlm.models.params import get_params
 
         result = set_peft_model_state_dict(self.peft, tensors)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])

@@ -74,7 +74,7 @@ class _PLDAccountant(pld.PLDAccountant):
                 and event.sampling_probability != 0 and event.event.noise_multiplier != 0):
             base = _subsampled_gaussian_pld(event.event.noise_multiplier, event.sampling_probability,
                                             self._value_discretization_interval, self.neighboring_relation)
-            self._pld = self._pld.compose(base.self_compose(count))
+            self._pld = self._pld.compose(base.self_compose(count))  # type: ignore[has-type]
             return None
         return super()._maybe_compose(event, count, do_compose)
 

@@ -53,7 +53,7 @@ def guarantee_record(
     *,
     mode: str,
     ledger: Ledger,
-    epsilon: float,
+    epsilon: float | None,
     delta: float,
     accountant: str,
     noise_multiplier: float | None,

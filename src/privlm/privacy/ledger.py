@@ -99,7 +99,7 @@ def event_to_dict(event: dp_accounting.DpEvent) -> dict:
     return out
 
 
-def event_from_dict(data: dict) -> dp_accounting.DpEvent:
+def event_from_dict(data: object) -> dp_accounting.DpEvent:
     """Inverse of :func:`event_to_dict`; refuses classes outside the allow-list."""
     if not isinstance(data, dict) or not isinstance(data.get("class"), str):
         raise ValueError(f"not a DP event record: {data!r:.80}")
@@ -287,7 +287,7 @@ class Ledger:
         return out
 
     @classmethod
-    def from_list(cls, data: list, mode: str | None = None) -> Ledger:
+    def from_list(cls, data: object, mode: str | None = None) -> Ledger:
         """Load a stored ledger, verifying its hash chain (and, given ``mode``, that every
         entry is an event of that mode's mechanism). Errors name the entry."""
         if not isinstance(data, list):

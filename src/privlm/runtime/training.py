@@ -1,34 +1,23 @@
 """What any machine that trains a client needs, without the server's machinery.
 
-Model construction and the per-client randomness of local training, shared by
-the in-process simulation and the Flower ClientApp (which imports this, not the
-simulation, so a node never loads the accountant).
+The device and the per-client randomness of local training, shared by every
+executor and the Flower ClientApp (which imports this, not the engine, so a node
+never loads the accountant).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 
+import numpy as np
 import torch
 
 from privlm.config import RunConfig
 from privlm.errors import ConfigError
-from privlm.models import GPT, BPETokenizer, ByteTokenizer, GPTConfig, Tokenizer
-
-
-def build_model(cfg: RunConfig) -> tuple[torch.nn.Module, Tokenizer]:
-    """The model (its trainable tensors are what trains and travels) and its tokenizer."""
-    m = cfg.model
-    if m.kind == "hf":
-        from privlm.models.hf import load_lora_model
-
-        return load_lora_model(m.path, m.lora, m.dtype, m.max_length)
-    tok: Tokenizer = BPETokenizer(m.tokenizer) if m.tokenizer is not None else ByteTokenizer()
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-                          n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout))
-    return model, tok
+from privlm.federated.client import LocalTraining
+from privlm.models.factory import build_model, from_checkpoint, to_checkpoint  # noqa: F401 (node side)
+from privlm.seeds import derived_seed, seed_torch
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -43,15 +32,6 @@ def resolve_device(cfg: RunConfig) -> torch.device:
             raise ConfigError(f"device: {name!r} is not available here ({count} CUDA device(s) visible); "
                               "use device = \"cpu\" or \"auto\"")
     return torch.device(name)
-
-
-def to_checkpoint(model: torch.nn.Module, params: dict) -> dict:
-    """Tensors as written to checkpoints/ (peft adapter names for LoRA models)."""
-    return model.to_checkpoint(params) if hasattr(model, "to_checkpoint") else params
-
-
-def from_checkpoint(model: torch.nn.Module, tensors: dict) -> dict:
-    return model.from_checkpoint(tensors) if hasattr(model, "from_checkpoint") else tensors
 
 
 def client_generator(cfg: RunConfig, round_index: int, client_id: str) -> torch.Generator:
@@ -80,22 +60,15 @@ def threads_per_worker(workers: int) -> int:
     return max(1, cpus // workers)
 
 
-def seed_torch(seed: int) -> None:
-    """``torch.manual_seed``, without its cost on a machine with no CUDA.
-
-    ``torch.manual_seed`` also queues a lazy seed for each accelerator type
-    (CUDA, XPU, MTIA) that is not initialised, formatting a Python stack trace
-    for every one of them: about 1 ms, paid per client per round. Where CUDA is
-    available the full call runs (it seeds the GPUs a client trains on); where it
-    is not, torch's CPU generator is the only one training can draw from.
-    """
-    if torch.cuda.is_available():
-        torch.manual_seed(seed)
-    else:
-        torch.default_generator.manual_seed(seed)
+def local_training(cfg: RunConfig) -> LocalTraining:
+    """The ``[client]`` section as local-training settings (the one place that reads it)."""
+    c = cfg.client
+    return LocalTraining(c.local_epochs, c.local_steps, c.batch_size, c.lr, c.optimizer)
 
 
-def derived_seed(seed: int, stream: str, key: object) -> int:
-    """A 63-bit seed from (seed, stream, key): for seeded runs only, never for secure noise."""
-    digest = hashlib.sha256(f"{seed}:{stream}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+def eval_client_indices(seed: int, num_clients: int, max_clients: int | None) -> list[int]:
+    """Whose held-out text scores the model: a seeded sample of the population, sorted."""
+    order = np.random.default_rng([seed, 0, 2]).permutation(num_clients)
+    if max_clients is not None:
+        order = order[:max_clients]
+    return sorted(order.tolist())

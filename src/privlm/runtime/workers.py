@@ -37,8 +37,10 @@ from pathlib import Path
 
 import torch
 
-from privlm.federated.client import ClientResult, LocalTraining, local_train
-from privlm.runtime.training import build_model, client_generator, threads_per_worker
+from privlm.federated.client import ClientResult, local_train
+from privlm.models.factory import build_model
+from privlm.rundir import TOKEN_FILE_PREFIX, remove_stale_token_files  # noqa: F401
+from privlm.runtime.training import client_generator, local_training, threads_per_worker
 
 Params = dict[str, torch.Tensor]
 
@@ -87,10 +89,6 @@ def _layout(params: Params) -> list[list]:
     return [[k, str(v.dtype), list(v.shape)] for k, v in params.items()]
 
 
-TOKEN_FILE_PREFIX = ".privlm-worker-tokens-"  # the only names privlm owns in a run directory
-TOKEN_FILE_GLOB = TOKEN_FILE_PREFIX + "*.npy"
-
-
 def _write_private(path: Path, array) -> None:  # array: np.ndarray
     """Save ``array`` to a new file that only its owner can read (no world-readable window)."""
     import numpy as np
@@ -100,26 +98,12 @@ def _write_private(path: Path, array) -> None:  # array: np.ndarray
         np.save(f, array, allow_pickle=False)
 
 
-def remove_stale_token_files(workdir: Path) -> list[Path]:
-    """Delete the token files a run killed during worker start-up left in ``workdir``.
-
-    A started pool leaves none (they are unlinked once every worker has mapped them),
-    but a SIGKILL between writing them and the workers' start cannot clean up. Only
-    privlm's own names (``.privlm-worker-tokens-*.npy``) are touched; returns those removed.
-    """
-    stale = sorted(p for p in Path(workdir).glob(TOKEN_FILE_GLOB) if not p.is_dir())
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
-
-
 def _worker_main(conn: Connection, cfg, threads: int, tokens_path: str) -> None:  # cfg: RunConfig
     """A worker process: build the model, then train the clients it is sent until told to stop."""
     import numpy as np
 
     torch.set_num_threads(threads)
-    c = cfg.client
-    local = LocalTraining(c.local_epochs, c.local_steps, c.batch_size, c.lr, c.optimizer)
+    local = local_training(cfg)
     try:
         torch.manual_seed(cfg.seed)  # as the simulation does before it builds its model
         model, _ = build_model(cfg)

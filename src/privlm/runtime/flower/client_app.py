@@ -35,10 +35,10 @@ from privlm.config import RunConfig, config_from_toml
 from privlm.data.corpus import ClientData, FederatedCorpus, merge_clients, silo_members
 from privlm.data.scrub import scrub_corpus, settings_for_run
 from privlm.errors import ConfigError
-from privlm.federated.client import LocalTraining, evaluate_sums, local_train
+from privlm.federated.client import evaluate_sums, local_train
 from privlm.runtime.flower import codec
 from privlm.runtime.flower.lifetime import bind_app_process_to_parent
-from privlm.runtime.training import build_model, client_generator
+from privlm.runtime.training import build_model, client_generator, local_training
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,7 @@ def train(msg: Message, context: Context) -> Message:
     params = codec.from_record(codec.content_record(msg, codec.PARAMS))
     if isinstance(params, str):
         raise ValueError(f"global parameters unusable: {params}")
-    c = cfg.client
-    res = local_train(model, params, tokens["train"], LocalTraining(c.local_epochs, c.local_steps, c.batch_size,
-                                                                    c.lr, c.optimizer),
+    res = local_train(model, params, tokens["train"], local_training(cfg),
                       client_generator(cfg, round_index - 1, client_id))
     metrics = MetricRecord({"num_tokens": res.num_tokens,
                             "train_loss": res.loss_sum / res.steps if res.steps else float("nan")})

@@ -383,9 +383,9 @@ def _raise_interrupt(signum, frame):
 
 def _follow(fed: Federation, run_id: int, rd: RunDir, cfg: RunConfig, progress: bool, timeout: float) -> str:
     """Wait for the run to finish, showing its rounds as metrics.jsonl grows."""
-    from privlm.runtime.simulation import _progress
+    from privlm.console import progress_bar
 
-    bar = _progress(progress)
+    bar = progress_bar(progress)
     deadline = time.monotonic() + timeout
     last_poll = 0.0
     status = "unknown"

@@ -36,7 +36,7 @@ def run_flower_simulation(cfg: RunConfig, out: Path | None = None, progress: boo
         raise ConfigError('runtime: "flower-simulation" needs Ray: pip install "flwr[simulation]==1.42.0"') from None
     # One virtual SuperNode per client of the data, or per silo. Splitting here too means bad
     # data or an impossible split fails once, not in every node.
-    corpus = _data.load_corpus(cfg.data.source, cfg.data.path, cfg.data.num_clients, cfg.seed)
+    corpus = _data.corpus_of(cfg)
     nodes = corpus.num_clients
     if cfg.data.silos is not None:
         try:

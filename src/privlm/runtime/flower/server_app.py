@@ -1,18 +1,17 @@
-"""The privlm ServerApp: the in-process round, with Flower nodes as the clients.
+"""The privlm ServerApp: the round engine, with Flower nodes as the clients.
 
-:class:`FlowerServer` *is* :class:`~privlm.runtime.simulation.Simulation`
-(budget check, durable ledger entry, Poisson sampling, validation, clipping,
-noise, server step, checkpoints, ``privacy.json``): it only replaces where
-an update comes from. Instead of training a client in this process it sends
-the global parameters to the sampled node and streams the replies into the
-same :func:`privlm.federated.dp_fedavg.apply`. There is no second
+:class:`FlowerExecutor` is an executor (:mod:`privlm.engine.executor`): it finds the
+population (every registered node says who it is), sends the global parameters to the
+sampled nodes and streams their replies to the engine, which does everything else --
+budget check, durable ledger entry, Poisson sampling, validation, clipping, noise, server
+step, checkpoints, ``privacy.json`` -- exactly as in process. There is no second
 implementation of the algorithm.
 
-The population N is the set of nodes registered when the run starts (each
-node is one client: a phone, a hospital); the guarantee in ``privacy.json``
-says so. A sampled node that fails, times out or answers with something
-malformed contributes nothing and is counted (``dropped`` or ``rejected``);
-the denominator stays q*N, so the ledger is the same as without the fault.
+The population N is the set of nodes registered when the run starts (each node is one
+client: a phone, a hospital); the guarantee in ``privacy.json`` says so. A sampled node that
+fails, times out or answers with something malformed contributes nothing and is counted
+(``dropped`` or ``rejected``); the denominator stays q*N, so the ledger is the same as
+without the fault.
 """
 
 from __future__ import annotations
@@ -21,29 +20,31 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from privlm import build
 from privlm.config import RunConfig, load_config
-from privlm.data.corpus import ClientData, FederatedCorpus
-from privlm.errors import ConfigError, DataError
-from privlm.federated import dp_fedavg
+from privlm.engine.executor import Dropout, Population, Reply, ServerView
+from privlm.engine.rounds import Engine
+from privlm.errors import ConfigError, DataError, FederationError
+from privlm.mechanisms.base import Contribution
 from privlm.runtime.flower import codec
 from privlm.runtime.flower.lifetime import bind_app_process_to_parent
-from privlm.runtime.simulation import Simulation
+from privlm.runtime.training import eval_client_indices
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
 
 
-class FlowerServer(Simulation):
-    """A run whose clients are Flower nodes reached through ``grid``."""
+class FlowerExecutor:
+    """Clients that are Flower nodes reached through ``grid``."""
 
-    runtime_kind = "flower"  # (privacy.json says so; an in-process resume refuses such a run)
+    deterministic = True  # each node seeds its own client's training
 
     def __init__(self, cfg: RunConfig, grid: Grid, num_nodes: int) -> None:
         if cfg.privacy.mode == "example":
@@ -55,19 +56,23 @@ class FlowerServer(Simulation):
         if cfg.data.pseudo_users is not None:
             raise ConfigError("data.pseudo_users: a Flower node is one data owner; pseudo-users are "
                               "for in-process simulations only")
-        self.grid = grid
-        self.num_nodes = num_nodes
-        self.config_text = cfg.to_toml()
+        self.cfg, self.grid, self.num_nodes = cfg, grid, num_nodes
         self.node_ids: list[int] = []
-        super().__init__(cfg, progress=False)
-        # the nodes actually used (more than num_nodes may have registered), never the expected count
-        self.population = (f"the {len(self.node_ids)} Flower nodes registered when the run started, "
-                           "each one client")
+        self.client_ids: list[str] = []
+        self.population = self._query_population()
+        self.eval_clients = eval_client_indices(cfg.seed, len(self.node_ids), cfg.eval.max_clients)
+
+    def start(self, run_dir: Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     # -- the population: ask every registered node who it is ------------------
-    def _prepare_corpus(self, cfg, corpus, progress, audit_plan):
+    def _query_population(self) -> Population:
+        cfg = self.cfg
         nodes = self._wait_for_nodes(cfg.flower.node_wait)
-        replies = self._exchange(nodes, "query", RecordDict({codec.CONFIG: ConfigRecord({"config": self.config_text})}),
+        replies = self._exchange(nodes, "query", RecordDict({codec.CONFIG: ConfigRecord({"config": cfg.to_toml()})}),
                                  cfg.flower.node_wait)
         members: list[tuple[int, str, int]] = []
         scrub_counts: Counter[str] = Counter()
@@ -87,10 +92,12 @@ class FlowerServer(Simulation):
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise DataError(f"nodes claim the same client id(s) {dup[:3]}: each node must hold its own data")
-        self.node_ids = [m[2] for m in members]
+        self.node_ids, self.client_ids = [m[2] for m in members], ids
         log.info("population: %d nodes: %s", len(ids), ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else ""))
-        population = FederatedCorpus(f"{len(ids)} Flower nodes", tuple(ClientData(i, "", "") for i in ids), {})
-        return population, (dict(scrub_counts) if cfg.data.scrub_enabled else None), None
+        # the nodes actually used (more than num_nodes may have registered), never the expected count
+        return Population(tuple(ids), f"the {len(ids)} Flower nodes registered when the run started, each one client",
+                          "flower", dict(scrub_counts) if cfg.data.scrub_enabled else None,
+                          {"num_clients": len(ids)})
 
     def _wait_for_nodes(self, seconds: float) -> list[int]:
         deadline = time.monotonic() + seconds
@@ -102,8 +109,8 @@ class FlowerServer(Simulation):
                                 "as the population", len(nodes), self.num_nodes)
                 return nodes
             if time.monotonic() > deadline:
-                raise DataError(f"only {len(nodes)} of {self.num_nodes} nodes registered within "
-                                f"flower.node_wait = {seconds:g} s")
+                raise FederationError(f"only {len(nodes)} of {self.num_nodes} nodes registered within "
+                                      f"flower.node_wait = {seconds:g} s")
             time.sleep(0.2)
 
     # -- messaging --------------------------------------------------------------
@@ -133,34 +140,34 @@ class FlowerServer(Simulation):
             answers[node] = reply
         return answers
 
-    # -- the two hooks the in-process loop calls --------------------------------
-    def contributions(self, state: dp_fedavg.ServerState, ids: list[int], on_client=None
-                      ) -> Iterator[dp_fedavg.Contribution]:
+    # -- the executor protocol ------------------------------------------------------
+    def contributions(self, view: ServerView, ids: list[int],
+                      on_client: Callable[[], None] | None = None) -> Iterator[Reply]:
         """Send the global parameters to the sampled nodes; yield their updates as they arrive."""
         if not ids:
             return
-        round_index = state.round + 1
-        content = RecordDict({codec.PARAMS: codec.to_record(state.params),
+        round_index = view.round
+        content = RecordDict({codec.PARAMS: codec.to_record(view.params),
                               codec.CONFIG: ConfigRecord({"round": round_index})})
         pending = self._push([self.node_ids[i] for i in ids], "train", content, str(round_index))
-        client_of = {self.node_ids[i]: self.corpus.clients[i].client_id for i in ids}
+        client_of = {self.node_ids[i]: self.client_ids[i] for i in ids}
         for node, reply in self._replies(pending, self.cfg.flower.round_timeout):
             cid = client_of[node]
             if reply.has_error():
                 log.warning("round %d: node %s (%s) failed: %s", round_index, node, cid, reply.error.reason[:300])
-                self.dropped += 1
+                yield Dropout(cid, "failed")
                 continue
-            update = codec.from_record(codec.content_record(reply, codec.UPDATE), state.params)
+            update = codec.from_record(codec.content_record(reply, codec.UPDATE), view.params)
             metrics = codec.content_record(reply, codec.METRICS)
             weight, loss = _number(metrics, "num_tokens"), _number(metrics, "train_loss")
             if on_client:
                 on_client()
-            # A string update (undecodable) is rejected and logged by dp_fedavg.apply.
-            yield dp_fedavg.Contribution(cid, update, weight if weight is not None else math.nan, loss)
+            # A string update (undecodable) is rejected and logged by the mechanism's preprocessing.
+            yield Contribution(cid, update, weight if weight is not None else math.nan, loss)
         for node in pending.values():
             log.warning("round %d: node %s (%s) did not answer within flower.round_timeout = %g s",
                         round_index, node, client_of[node], self.cfg.flower.round_timeout)
-            self.dropped += 1
+            yield Dropout(client_of[node], "timeout")
 
     def evaluate(self, params) -> tuple[float, float]:
         """Federated evaluation: each node scores its own held-out text; sums are pooled."""
@@ -177,6 +184,11 @@ class FlowerServer(Simulation):
         if count == 0:
             return math.nan, math.nan
         return loss_sum / count, correct / count
+
+
+def flower_engine(cfg: RunConfig, grid: Grid, num_nodes: int) -> Engine:
+    """The run's engine over the nodes of ``grid`` (at least ``num_nodes`` must register)."""
+    return build.with_executor(cfg, FlowerExecutor(cfg, grid, num_nodes))
 
 
 def _number(record: object, key: str) -> float | None:
@@ -198,6 +210,5 @@ def main(grid: Grid, context: Context) -> None:
     bind_app_process_to_parent()  # a flwr-serverapp process dies with its SuperLink
     rc = context.run_config
     cfg = load_config(Path(str(rc["config"])), [])
-    server = FlowerServer(cfg, grid, int(rc["nodes"]))
-    result = server.run(Path(str(rc["run-dir"])), progress=False)
+    result = flower_engine(cfg, grid, int(rc["nodes"])).run(Path(str(rc["run-dir"])), progress=False)
     log.info("privlm run finished: %d rounds, epsilon %s", result.rounds_completed, result.epsilon)

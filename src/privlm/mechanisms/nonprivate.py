@@ -1,0 +1,66 @@
+"""Non-private FedAvg (McMahan et al. 2017): exactly ``clients_per_round`` clients, sampled
+without replacement; the token-weighted mean of unclipped updates. Its ledger entries are
+``NonPrivateDpEvent``: the run states that there is no guarantee."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import dp_accounting
+import numpy as np
+import torch
+
+from privlm.federated.aggregation import RunningSum, validate_update, validate_weight, weighted_mean
+from privlm.mechanisms.base import Contribution, MechanismState, Params, Preprocessed
+
+
+@dataclass(frozen=True)
+class NonPrivateFedAvg:
+    num_clients: int
+    clients_per_round: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.clients_per_round <= self.num_clients:
+            raise ValueError("clients_per_round must be in [1, num_clients]")
+
+    private = False
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.clients_per_round / self.num_clients
+
+    def initial_state(self) -> MechanismState:
+        return {}
+
+    def load_state(self, saved: Mapping[str, object]) -> MechanismState:
+        if saved:
+            raise ValueError(f"state {sorted(saved)} is not non-private FedAvg's")
+        return {}
+
+    def event(self, state: Mapping[str, float]) -> dp_accounting.DpEvent:
+        return dp_accounting.NonPrivateDpEvent()
+
+    def clip_norm(self, state: Mapping[str, float]) -> None:
+        return None
+
+    def ledger_clip(self, state: Mapping[str, float]) -> None:
+        return None
+
+    def sample(self, rng: np.random.Generator) -> list[int]:
+        return sorted(rng.choice(self.num_clients, self.clients_per_round, replace=False).tolist())
+
+    def preprocess(self, contribution: Contribution, state: Mapping[str, float],
+                   reference: Mapping[str, torch.Tensor]) -> Preprocessed | str:
+        reason = validate_update(contribution.update, reference) or validate_weight(contribution.weight)
+        if reason is not None:
+            return reason
+        w = contribution.weight
+        return Preprocessed(contribution.client_id, contribution.update, w, w, False, None)  # type: ignore[arg-type]
+
+    def release(self, aggregate: RunningSum, state: Mapping[str, float], rng: np.random.Generator | None
+                ) -> tuple[Params, MechanismState]:
+        return weighted_mean(aggregate), dict(state)
+
+    def guarantee_fields(self) -> dict:
+        return {"noise_multiplier": None, "clip_norm": None, "adaptive_clipping": None}
