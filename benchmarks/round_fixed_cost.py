@@ -34,7 +34,10 @@ import torch
 import privlm.federated.client as client_mod
 from privlm.config import load_config
 from privlm.federated.aggregation import RunningSum
-from privlm.api import Simulation
+try:
+    from privlm.api import Simulation
+except ImportError:  # the code before the engine refactor (issue #19)
+    from privlm.runtime.simulation import Simulation  # type: ignore[no-redef]
 
 POPULATION = 2400
 

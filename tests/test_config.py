@@ -72,7 +72,7 @@ def test_privacy_mechanism_table_is_the_flat_keys_in_another_form():
     from privlm.build import make_mechanism, resolve_privacy
     from privlm.config import config_from_toml
 
-    base = ["privacy.noise_multiplier=1.0", "federation.clients_per_round=10"]
+    base = ["privacy.noise_multiplier=1.0", "federation.clients_per_round=50"]
     table = load_config(None, [*base, "privacy.mechanism.kind=adaptive", "privacy.mechanism.target_quantile=0.7",
                                "privacy.mechanism.learning_rate=0.3"])
     flat = load_config(None, [*base, "privacy.adaptive_clipping=true", "privacy.target_quantile=0.7",
@@ -83,7 +83,7 @@ def test_privacy_mechanism_table_is_the_flat_keys_in_another_form():
         stored = config_from_toml(resolved.to_toml())
         assert stored.privacy.user_mechanism == resolved.privacy.user_mechanism
         mechanisms.append(make_mechanism(stored, 100))
-    assert mechanisms[0] == mechanisms[1] and mechanisms[0].adaptive.count_stddev == 10 / 20
+    assert mechanisms[0] == mechanisms[1] and mechanisms[0].adaptive.count_stddev == 50 / 20
     assert table.privacy.clip_norm == flat.privacy.clip_norm == 0.1  # the paper's initial C, both forms
     assert make_mechanism(load_config(None, [*base, "privacy.mechanism.kind=gaussian"]), 100) == \
         make_mechanism(load_config(None, base), 100)

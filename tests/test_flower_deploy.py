@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from privlm.config import load_config
-from privlm.errors import DataError
+from privlm.errors import FederationError
 from privlm.runtime.flower.certs import make_certificates, make_node_key
 from privlm.runtime.flower.deploy import deploy_local
 from privlm.api import Simulation
@@ -145,7 +145,7 @@ def test_tls_and_node_auth_federation_refuses_unknown_nodes(shared_data, tmp_pat
 def test_a_failing_run_is_reported_and_stops_every_process(shared_data, tmp_path):
     cfg = load_config(None, [*TINY, "data.source=dir", f'data.path="{tmp_path / "missing"}"',
                              "flower.node_wait=60"])
-    with pytest.raises(DataError, match="ended 'finished:failed'"):
+    with pytest.raises(FederationError, match="ended 'finished:failed'"):
         deploy_local(cfg, 2, tmp_path / "run", progress=False)
     assert "did not load its data" in (tmp_path / "run" / "flower" / "serverapp.log").read_text()
     assert _flower_processes(tmp_path / "run") == []

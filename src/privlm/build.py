@@ -85,7 +85,7 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> tuple[RunConfig, Resolv
         raise ConfigError(f"{key}: {problem[1]}")
     budget = p.budget
     if budget is not None:
-        one = epsilon_for([GaussianFedAvg(num_clients, cfg.federation.clients_per_round, p.clip_norm, z).event({})],
+        one = epsilon_for([GaussianFedAvg(num_clients, cfg.federation.clients_per_round, p.clip_norm, z).event()],
                           delta, p.accountant)
         if one > budget:
             key = "privacy.max_epsilon" if p.max_epsilon is not None else "privacy.target_epsilon"
@@ -141,7 +141,7 @@ def resolve_silos(cfg: RunConfig, local: LocalTraining, num_silos: int) -> tuple
         z = calibrate_noise_multiplier(p.target_epsilon, q, cfg.federation.rounds * steps, delta, p.accountant)
     silo = SiloDPSGD(num_silos, cfg.federation.clients_per_round, ExampleDP(q, z, p.clip_norm, p.example.grad_sample_mode),
                      steps, delta)
-    one = epsilon_for([silo.event({})], delta, p.accountant)
+    one = epsilon_for([silo.event()], delta, p.accountant)
     if p.budget is not None and one > p.budget:
         raise ConfigError(f"privacy.target_epsilon: budget {p.budget:g} is below one round's cost "
                           f"(epsilon {one:.3g}: {steps} steps at q={q:.3g}, z={z:.3g})")

@@ -13,6 +13,7 @@ The privacy-critical bookkeeping of the engine, in one place:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,8 +41,12 @@ class ResolvedPrivacy:
 class Accounts:
     """The ledger of one run and what follows from it."""
 
-    def __init__(self, privacy: ResolvedPrivacy, rounds: int) -> None:
+    def __init__(self, privacy: ResolvedPrivacy, rounds: int,
+                 epsilon_of: Callable[[Ledger], float] | None = None) -> None:
         self.privacy, self.rounds = privacy, rounds
+        # The run's epsilon as a function of the ledger: the whole ledger's composition, or (silos)
+        # the largest silo's; always recomputed from the ledger, never carried over.
+        self.epsilon_of = epsilon_of or (lambda ledger: epsilon_for(ledger, privacy.delta or 0.0, privacy.accountant))
         self.ledger = Ledger()
         self._epsilon = 0.0 if privacy.mode != "none" else math.inf
         self._eps_entries = 0  # the ledger length self._epsilon is for (-1: unknown)
@@ -52,21 +57,17 @@ class Accounts:
         self.ledger, self._eps_entries, self._check = ledger, -1, None
 
     def epsilon(self) -> float:
-        """``epsilon_for(ledger)``: computed once per ledger change, when asked for."""
+        """``epsilon_of(ledger)``: computed once per ledger change, when asked for."""
         if self._eps_entries != len(self.ledger):
-            p = self.privacy
-            self._epsilon = epsilon_for(self.ledger, p.delta or 0.0, p.accountant)
+            self._epsilon = self.epsilon_of(self.ledger)
             self._eps_entries = len(self.ledger)
         return self._epsilon
 
-    def set_epsilon(self, value: float) -> None:
-        """The run's epsilon when it is not the whole ledger's (silos: the largest silo's)."""
-        self._epsilon, self._eps_entries = value, len(self.ledger)
-
     @property
     def known_epsilon(self) -> float | None:
-        """The last epsilon computed, if the ledger has not changed since (for progress bars)."""
-        return self._epsilon if self._eps_entries and math.isfinite(self._epsilon) else None
+        """The epsilon of the ledger as it stands, if already computed (for progress bars)."""
+        fresh = self._eps_entries == len(self.ledger) and len(self.ledger) > 0
+        return self._epsilon if fresh and math.isfinite(self._epsilon) else None
 
     def allows(self, event: dp_accounting.DpEvent, round_index: int) -> bool:
         """Whether paying ``event`` for ``round_index`` keeps the ledger within the budget.

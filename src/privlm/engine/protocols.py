@@ -16,6 +16,7 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
+import dp_accounting
 import numpy as np
 
 from privlm.errors import DataError
@@ -35,7 +36,7 @@ def sampling_rng(cfg: RunConfig, round_index: int) -> np.random.Generator:
     in example-level mode the silos' participation is not what DP protects."""
     if cfg.privacy.seeded_noise or cfg.privacy.mode != "user":
         return np.random.default_rng([cfg.seed, round_index, 1])
-    return np.random.default_rng(secrets.randbits(128))
+    return np.random.Generator(np.random.Philox(key=secrets.randbits(128)))  # as the noise's
 
 
 class CentralPayment:
@@ -45,28 +46,33 @@ class CentralPayment:
     @property
     def pending_allowed(self) -> bool:
         """Whether privacy.json may say "epsilon pending" between checkpoints (a budget-checked run)."""
-        return self.engine.algo.private
+        return self.engine.algo.mechanism.mode == "user"
 
     def silos_record(self) -> None:
         return None
 
+    def epsilon_of(self, ledger) -> float:
+        p = self.engine.privacy
+        return epsilon_for(ledger, p.delta or 0.0, p.accountant)
+
     def pay(self, rd: RunDir, r: int, state: ServerState) -> tuple[list[int], float | None, str | None]:
         e = self.engine
         mech, accounts, p = e.algo.mechanism, e.accounts, e.privacy
-        event, clip = mech.event(state.mechanism), mech.ledger_clip(state.mechanism)
+        event, clip = mech.event(), mech.ledger_clip(state.mechanism)
+        accounted = not isinstance(event, dp_accounting.NonPrivateDpEvent)  # (whoever adds the noise)
         paid = e.ledger.entry_for(r)
         if paid is not None:  # a resumed replay of a round already paid for
             if (paid.event, paid.clip_norm) != (event, clip):
                 raise DataError(f"{rd.privacy_path}: round {r} was paid for with a different "
                                 "mechanism than config.toml describes")
         else:
-            if mech.private and not accounts.allows(event, r):
+            if accounted and not accounts.allows(event, r):
                 over = accounts.epsilon_with(event)
                 return [], None, (f"budget stop: round {r} would raise epsilon to {over:.4f}, "
                                   f"above the budget {p.budget:g}; it did not run")
             e.ledger.append(r, event, clip_norm=clip)
-            e.write_privacy(rd, r - 1, exact=not mech.private)
-        eps = accounts.epsilon() if mech.private and e.epsilon_due(r) else None
+            e.write_privacy(rd, r - 1, exact=not accounted)
+        eps = accounts.epsilon() if accounted and e.epsilon_due(r) else None
         if eps is not None and p.budget is not None and eps > p.budget:
             # BudgetCheck assumes epsilon never falls as rounds are added; should
             # dp-accounting's numbers ever break that, nothing is released over budget.
@@ -82,10 +88,15 @@ class SiloPayment:
     def __init__(self, engine: Engine, silo_ids: list[str]) -> None:
         self.engine = engine
         self.silo_ids = silo_ids  # by client index
-        self.epsilon: dict[str, float] = {s: 0.0 for s in silo_ids}
+        self.epsilon: dict[str, float] = {s: 0.0 for s in silo_ids}  # each silo's, for privacy.json
         self.stopped: dict[str, str] = {}
 
     pending_allowed = False
+
+    def epsilon_of(self, ledger) -> float:
+        """The run's epsilon: the largest silo's, each from its own entries of ``ledger``."""
+        p = self.engine.privacy
+        return max((epsilon_for(ledger.for_silo(s), p.delta or 0.0, p.accountant) for s in self.silo_ids), default=0.0)
 
     def silos_record(self) -> list[dict]:
         m = self.engine.algo.mechanism
@@ -97,7 +108,7 @@ class SiloPayment:
         """Which silos train in round ``r``, each having paid first (durably, before any trains)."""
         e = self.engine
         mech, p = e.algo.mechanism, e.privacy
-        event = mech.event(state.mechanism)
+        event = mech.event()
         ids = mech.sample(sampling_rng(e.cfg, r))
         paid = {x.silo for x in e.ledger if x.round == r and not x.lost and x.silo is not None}
         if paid:  # a resumed (seeded) replay: exactly the silos that paid, with the planned events
@@ -122,7 +133,6 @@ class SiloPayment:
             active.append(i)
         if len(self.stopped) == len(self.silo_ids):
             return [], None, f"budget stop: every silo has reached its budget; round {r} did not run"
-        e.accounts.set_epsilon(max(self.epsilon.values()))
         e.write_privacy(rd, r - 1)
         return active, e.accounts.epsilon(), None
 
@@ -131,4 +141,3 @@ class SiloPayment:
         e, p = self.engine, self.engine.privacy
         for sid in self.epsilon:
             self.epsilon[sid] = epsilon_for(e.ledger.for_silo(sid), p.delta or 0.0, p.accountant)
-        e.accounts.set_epsilon(max(self.epsilon.values()))

@@ -68,10 +68,13 @@ class Engine:
         self.cfg, self.privacy, self.algo, self.executor, self.model = cfg, privacy, algo, executor, model
         self.audit_plan = audit_plan
         self.population = executor.population
+        if algo.mechanism.mode != privacy.mode:
+            raise ValueError(f"a {algo.mechanism.mode!r} mechanism cannot run a privacy.mode = {privacy.mode!r} run")
         self.noise = NoiseSource(cfg.seed if privacy.seeded_noise else None)
-        self.accounts = Accounts(privacy, cfg.federation.rounds)
         silo_ids = list(self.population.client_ids)
         self.protocol = SiloPayment(self, silo_ids) if privacy.mode == "example" else CentralPayment(self)
+        self.accounts = Accounts(privacy, cfg.federation.rounds, self.protocol.epsilon_of)
+        self._ran = False
 
     @property
     def ledger(self):
@@ -85,13 +88,14 @@ class Engine:
 
     # -- privacy.json ------------------------------------------------------------
     def privacy_record(self, rounds_completed: int, stopped: str | None = None, exact: bool = True) -> dict:
-        p, m = self.privacy, self.algo.mechanism
+        m = self.algo.mechanism
+        fields = m.guarantee_fields()
         eps = self.accounts.epsilon() if (exact or not self.protocol.pending_allowed) else None
         return self.accounts.record(
-            eps, noise_multiplier=p.noise_multiplier, clip_norm=p.clip_norm, sampling_rate=m.sampling_rate,
+            eps, noise_multiplier=fields["noise_multiplier"], clip_norm=fields["clip_norm"], sampling_rate=m.sampling_rate,
             num_clients=m.num_clients, clients_per_round=m.clients_per_round, rounds_completed=rounds_completed,
             stopped=stopped, population=self.population.description, pseudo_users=self.cfg.data.pseudo_users,
-            runtime=self.population.runtime, adaptive_clipping=m.guarantee_fields()["adaptive_clipping"],
+            runtime=self.population.runtime, adaptive_clipping=fields["adaptive_clipping"],
             silos=self.protocol.silos_record())
 
     def write_privacy(self, rd: RunDir, rounds_completed: int, exact: bool = True,
@@ -116,6 +120,9 @@ class Engine:
         With ``resume=True``, ``out`` is an existing run directory: the run continues after
         its last completed round (:func:`privlm.engine.resume.load_for_resume`).
         """
+        if self._ran:  # its accounts hold that run's ledger: a second run would replay it unpaid
+            raise ValueError("this engine has run; build a new one for another run")
+        self._ran = True
         rd = RunDir(out or self.cfg.output.dir or default_run_dir())
         if not resume:
             rd.check_new()  # before anything is written there

@@ -33,13 +33,13 @@ MAX_ABS_VALUE = 1e6
 MAX_WEIGHT = 1e12
 
 
-def validate_update(update: object, reference: Mapping[str, torch.Tensor]) -> str | None:
+def validate_update(update: object, reference: Mapping[str, torch.Tensor], values: bool = True) -> str | None:
     """Return why ``update`` is malformed, or ``None`` if it may be aggregated.
 
     Checks: a mapping of exactly the reference's names; each a dense tensor with
     the reference's shape, dtype and device; all values finite and of sane
-    magnitude. Never raises, whatever ``update`` is (names a client sent are
-    shown by ``repr``, cut short).
+    magnitude (``values=False``: the structure only). Never raises, whatever ``update``
+    is (names a client sent are shown by ``repr``, cut short).
     """
     if not isinstance(update, Mapping):
         return f"update is a {type(update).__name__}, not a mapping of tensors"
@@ -61,19 +61,44 @@ def validate_update(update: object, reference: Mapping[str, torch.Tensor]) -> st
             return f"{name}: shape {tuple(t.shape)} != expected {tuple(ref.shape)}"
         if t.dtype != ref.dtype:
             return f"{name}: dtype {t.dtype} != expected {ref.dtype}"
+    if not values:
+        return None
     # Values: one fused max-|x| per tensor and one host sync for the whole update (NaN and
     # Inf propagate into the max); only a bad update is searched tensor by tensor for a name.
     tensors = [update[name].detach() for name in reference if update[name].numel()]
     if tensors and not _values_ok(float(torch.stack(torch._foreach_norm(tensors, math.inf)).amax())):
-        for name in reference:
-            t = update[name]
-            if t.numel():
-                amax = float(t.detach().abs().amax())
-                if not math.isfinite(amax):
-                    return f"{name}: contains NaN or Inf"
-                if amax > MAX_ABS_VALUE:
-                    return f"{name}: values beyond {MAX_ABS_VALUE:g} in magnitude"
+        return _value_problem(update, reference)
     return None
+
+
+def _value_problem(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor holding NaN, Inf or a value beyond :data:`MAX_ABS_VALUE`, or None."""
+    for name in reference:
+        t = update[name]
+        if t.numel():
+            amax = float(t.detach().abs().amax())
+            if not math.isfinite(amax):
+                return f"{name}: contains NaN or Inf"
+            if amax > MAX_ABS_VALUE:
+                return f"{name}: values beyond {MAX_ABS_VALUE:g} in magnitude"
+    return None
+
+
+def validate_and_norm(update: object, reference: Mapping[str, torch.Tensor]) -> tuple[str | None, float]:
+    """:func:`validate_update` and the update's float64 L2 norm, in one pass over its values.
+
+    Every ``|x| <= ||x||_2``, so a finite norm of at most :data:`MAX_ABS_VALUE` proves the values
+    sane without the max-|x| pass; only an update whose norm is not is searched value by value
+    (the same verdicts as :func:`validate_update`). Returns (reason or None, norm).
+    """
+    reason = validate_update(update, reference, values=False)
+    if reason is not None:
+        return reason, math.nan
+    assert isinstance(update, Mapping)
+    norm = global_l2_norm(update)
+    if not (math.isfinite(norm) and norm <= MAX_ABS_VALUE):
+        return _value_problem(update, reference), norm
+    return None, norm
 
 
 def _values_ok(amax: float) -> bool:
@@ -146,12 +171,18 @@ class RunningSum:
         factor = weight
         if self.clip_norm is not None:
             factor *= clip_factor(norm, self.clip_norm)
-        self.add_scaled(update, factor, weight, self.clip_norm is not None and norm > self.clip_norm)
+        self.add_scaled(update, factor, weight, self.clip_norm is not None and norm > self.clip_norm, norm)
         return norm
 
-    def add_scaled(self, update: Mapping[str, torch.Tensor], factor: float, weight: float, clipped: bool) -> None:
-        """``total += factor * update`` for an update already validated (and, under DP, whose
-        ``factor`` already includes its clip scale ``min(1, C'/norm)``: see :meth:`add`)."""
+    def add_scaled(self, update: Mapping[str, torch.Tensor], factor: float, weight: float, clipped: bool,
+                   norm: float | None = None) -> None:
+        """``total += factor * update`` for an update already validated; under DP ``factor`` is its
+        clip scale ``min(1, C'/norm)`` (see :meth:`add`), and that it clips is checked here:
+        ``factor * norm <= C`` and weight 1, for the ``norm`` the preprocessing measured."""
+        if self.clip_norm is not None and not (norm is not None and weight == 1.0 and 0 <= factor <= 1
+                                               and factor * norm <= self.clip_norm):
+            raise ValueError(f"an update scaled by {factor!r} (norm {norm!r}, weight {weight!r}) is not "
+                             f"clipped to C = {self.clip_norm}")
         for k, v in update.items():  # computed in the total's dtype (float64 under DP)
             self.total[k].add_(v, alpha=factor)
         self.count += 1

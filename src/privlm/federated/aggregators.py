@@ -18,8 +18,9 @@ from typing import Protocol
 
 import torch
 
-from privlm.federated.aggregation import RunningSum
+from privlm.federated.aggregation import RunningSum, validate_update
 from privlm.mechanisms.base import Preprocessed
+from privlm.privacy.mechanism import global_l2_norm
 
 
 class Aggregator(Protocol):
@@ -35,7 +36,7 @@ class StreamingSum:
         self.sum = RunningSum.zeros_like(like, clip_norm)
 
     def add(self, record: Preprocessed) -> None:
-        self.sum.add_scaled(record.update, record.factor, record.weight, record.clipped)
+        self.sum.add_scaled(record.update, record.factor, record.weight, record.clipped, record.norm)
 
     def result(self) -> RunningSum:
         return self.sum
@@ -68,9 +69,28 @@ class PreSummed:
     def add(self, record: Preprocessed) -> None:
         raise TypeError("a pre-summed aggregate takes no single update (the server only sees the sum)")
 
-    def set_sum(self, total: Mapping[str, torch.Tensor], count: int, clipped: int) -> None:
+    def set_sum(self, total: Mapping[str, torch.Tensor], count: int, clipped: int, clip_norm: float | None) -> None:
+        """The round's sum from the secure-aggregation protocol, with what the clients clipped to.
+
+        Checked: the clients' C is this round's, the tensors are the parameters' (names, shapes,
+        finite values), 0 <= clipped <= count, and the sum's norm is at most count * C. What it
+        cannot check -- that each client ran the mechanism's own ``preprocess`` -- is the protocol's
+        to attest (issue #23).
+        """
         if self.sum is not None:
             raise ValueError("the round's sum was already set")
+        if clip_norm != self.clip_norm:
+            raise ValueError(f"the clients clipped to {clip_norm!r}, not to this round's C = {self.clip_norm!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or not isinstance(clipped, int) \
+                or not 0 <= clipped <= count:
+            raise ValueError(f"counts {count!r} / {clipped!r} clipped are not 0 <= clipped <= count")
+        like = {k: v.to(torch.float64) for k, v in self.like.items()}
+        reason = validate_update({k: v.to(torch.float64) if isinstance(v, torch.Tensor) else v
+                                  for k, v in total.items()}, like) if isinstance(total, Mapping) else "not a mapping"
+        if reason is not None:
+            raise ValueError(f"the pre-summed aggregate is malformed: {reason}")
+        if self.clip_norm is not None and global_l2_norm(total) > count * self.clip_norm:
+            raise ValueError("the pre-summed aggregate's norm exceeds count * C: it was not clipped")
         running = RunningSum.zeros_like(self.like, self.clip_norm)
         for k, v in total.items():
             running.total[k].add_(v.to(running.total[k].dtype))

@@ -8,7 +8,7 @@ optimizer. ``apply`` is the same for every mechanism:
     mechanism.release(aggregator.result(), state, noise) -> (mean, new mechanism state)
     server optimizer step
 
-The round's privacy cost, ``mechanism.event(state)``, is recorded in the ledger by the engine,
+The round's privacy cost, ``mechanism.event()``, is recorded in the ledger by the engine,
 durably, *before* it calls ``apply``.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -62,11 +62,12 @@ class FedAvg:
         return self.mechanism.sampling_rate
 
     @property
-    def update_noise_multiplier(self) -> float:
-        return self.mechanism.update_noise_multiplier  # type: ignore[attr-defined]
+    def update_noise_multiplier(self) -> float | None:
+        """The multiplier of the noise on the sum of updates (None: no server noise)."""
+        return getattr(self.mechanism, "update_noise_multiplier", None)
 
-    def round_event(self, state: Mapping[str, float] | None = None) -> dp_accounting.DpEvent:
-        return self.mechanism.event(self.mechanism.initial_state() if state is None else state)
+    def round_event(self) -> dp_accounting.DpEvent:
+        return self.mechanism.event()
 
     def sample_clients(self, rng: np.random.Generator) -> list[int]:
         return self.mechanism.sample(rng)
@@ -122,12 +123,15 @@ def apply(
     state: ServerState,
     contributions: Iterable[Contribution],
     noise: np.random.Generator | None,
-    aggregator: Aggregator | None = None,
 ) -> tuple[ServerState, RoundStats]:
-    """Preprocess and aggregate a round's contributions (streamed), release, step the server."""
+    """Preprocess and aggregate a round's contributions (streamed), release, step the server.
+
+    The aggregator is made here, for this round's C (``algo.aggregator`` names its kind), so the
+    sum the release noises is clipped to the C the noise is calibrated to.
+    """
     mech = algo.mechanism
     clip_norm = mech.clip_norm(state.mechanism)
-    agg: Aggregator = aggregator if aggregator is not None else AGGREGATORS[algo.aggregator](state.params, clip_norm)
+    agg: Aggregator = AGGREGATORS[algo.aggregator](state.params, clip_norm)
     rejections: list[tuple[str, str]] = []
     losses: list[float] = []
     for c in contributions:

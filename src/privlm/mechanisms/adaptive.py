@@ -17,7 +17,7 @@ import numpy as np
 
 from privlm.federated.aggregation import RunningSum, dp_fraction_at_most_clip, dp_mean
 from privlm.mechanisms.base import MechanismState, Params
-from privlm.mechanisms.gaussian import GaussianFedAvg
+from privlm.mechanisms.gaussian import GaussianFedAvg, check_clipped
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class AdaptiveClipGaussian(GaussianFedAvg):
     def release(self, aggregate: RunningSum, state: Mapping[str, float], rng: np.random.Generator | None
                 ) -> tuple[Params, MechanismState]:
         """The noised mean, then (same generator, fixed order) the noised count and the next C."""
+        check_clipped(aggregate, self.clip_norm(state))
         if rng is None:
             raise ValueError("a private round needs a noise generator")
         mean = dp_mean(aggregate, self.update_noise_multiplier, self.clients_per_round, rng)

@@ -4,13 +4,14 @@ A mechanism owns, for the server's side of a round:
 
 * its **state** (``initial_state``; plain floats the run directory saves generically, e.g.
   adaptive clipping's current C);
-* the **event** one round costs (``event(state)``): computed before anyone is sampled, so the
-  engine can write it to the ledger, durably, before anything it pays for exists;
+* the **event** one round costs (``event()``, a function of public settings only): computed
+  before anyone is sampled, so the engine can write it to the ledger, durably, before anything
+  it pays for exists;
 * who takes part (``sample``): the sampling is part of the mechanism (amplification);
 * **preprocessing** of each update (``preprocess``): validate (a reason to reject, never an
   exception), then the clip scale; the same function runs wherever the update is made;
-* the **release** (``release(aggregate, state, rng) -> (mean, new state, metrics)``): noise
-  and the fixed denominator;
+* the **release** (``release(aggregate, state, rng) -> (mean, new state)``): noise and the
+  fixed denominator, refused unless the aggregate was clipped to this round's C;
 * what it is, for the guarantee text (``guarantee_fields``).
 
 Mechanisms never import the engine, a runtime or the config: they are built from numbers.
@@ -83,7 +84,15 @@ class Mechanism(Protocol):
 
     def initial_state(self) -> MechanismState: ...
 
-    def event(self, state: Mapping[str, float]) -> dp_accounting.DpEvent: ...
+    @property
+    def mode(self) -> str:
+        """The privacy mode it implements ("user", "none", "example"): the engine's protocol must match."""
+        ...
+
+    def event(self) -> dp_accounting.DpEvent:
+        """What one round costs. It takes no state: an event chosen from data (adaptive clipping's C,
+        say) would need a privacy filter to compose, and the budget check assumes one constant event."""
+        ...
 
     def ledger_clip(self, state: Mapping[str, float]) -> float | None:
         """The clip norm a ledger entry records (a fixed C), or None."""

@@ -17,10 +17,16 @@ import dp_accounting
 import numpy as np
 import torch
 
-from privlm.federated.aggregation import RunningSum, dp_mean, validate_update
+from privlm.federated.aggregation import RunningSum, dp_mean, validate_and_norm
 from privlm.mechanisms.base import Contribution, MechanismState, Params, Preprocessed
 from privlm.privacy.accountant import round_event
-from privlm.privacy.mechanism import clip_factor, global_l2_norm
+from privlm.privacy.mechanism import clip_factor
+
+
+def check_clipped(aggregate: RunningSum, clip_norm: float) -> None:
+    """Noise calibrated to C means nothing unless the sum was clipped to that very C."""
+    if aggregate.clip_norm != clip_norm:
+        raise ValueError(f"the aggregate was clipped to {aggregate.clip_norm!r}, not to this round's C = {clip_norm!r}")
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,9 @@ class GaussianFedAvg:
             raise ValueError(f"state {sorted(saved)} is not a fixed-clip mechanism's (adaptive clipping?)")
         return {}
 
-    def event(self, state: Mapping[str, float]) -> dp_accounting.DpEvent:
+    mode = "user"
+
+    def event(self) -> dp_accounting.DpEvent:
         return round_event(self.sampling_rate, self.noise_multiplier)
 
     def clip_norm(self, state: Mapping[str, float]) -> float:
@@ -73,17 +81,17 @@ class GaussianFedAvg:
     def preprocess(self, contribution: Contribution, state: Mapping[str, float],
                    reference: Mapping[str, torch.Tensor]) -> Preprocessed | str:
         """Validate (a reason to reject) and the clip scale; every update weighs 1."""
-        reason = validate_update(contribution.update, reference)
+        reason, norm = validate_and_norm(contribution.update, reference)  # (one pass over the values)
         if reason is not None:
             return reason
         update: Mapping[str, torch.Tensor] = contribution.update  # type: ignore[assignment]
         c = self.clip_norm(state)
-        norm = global_l2_norm(update)
         return Preprocessed(contribution.client_id, update, 1.0 * clip_factor(norm, c), 1.0, norm > c, norm)
 
     def release(self, aggregate: RunningSum, state: Mapping[str, float], rng: np.random.Generator | None
                 ) -> tuple[Params, MechanismState]:
         """``(clipped sum + N(0, (zC)^2 I)) / (q N)``."""
+        check_clipped(aggregate, self.clip_norm(state))
         if rng is None:
             raise ValueError("a private round needs a noise generator")
         return dp_mean(aggregate, self.update_noise_multiplier, self.clients_per_round, rng), dict(state)

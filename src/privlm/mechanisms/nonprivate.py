@@ -38,7 +38,9 @@ class NonPrivateFedAvg:
             raise ValueError(f"state {sorted(saved)} is not non-private FedAvg's")
         return {}
 
-    def event(self, state: Mapping[str, float]) -> dp_accounting.DpEvent:
+    mode = "none"
+
+    def event(self) -> dp_accounting.DpEvent:
         return dp_accounting.NonPrivateDpEvent()
 
     def clip_norm(self, state: Mapping[str, float]) -> None:
@@ -60,6 +62,8 @@ class NonPrivateFedAvg:
 
     def release(self, aggregate: RunningSum, state: Mapping[str, float], rng: np.random.Generator | None
                 ) -> tuple[Params, MechanismState]:
+        if aggregate.clip_norm is not None:
+            raise ValueError("non-private FedAvg averages unclipped updates")
         return weighted_mean(aggregate), dict(state)
 
     def guarantee_fields(self) -> dict:

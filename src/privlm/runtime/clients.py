@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -75,6 +76,25 @@ class LocalClients:
     def evaluate(self, params) -> tuple[float, float]:
         loss, acc, _ = evaluate(self.model, params, self.eval_tokens, self.cfg.eval.batch_size)
         return loss, acc
+
+
+class LocalExecutor:
+    """What the in-process executors share: their clients, population and evaluation."""
+
+    deterministic = True
+
+    def __init__(self, clients: LocalClients) -> None:
+        self.clients = clients
+        self.population: Population = clients.population
+
+    def start(self, run_dir: Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def evaluate(self, params) -> tuple[float, float]:
+        return self.clients.evaluate(params)
 
 
 def user_contribution(res: ClientResult, cid: str) -> Contribution:

@@ -7,15 +7,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from privlm.engine.executor import Population, Reply, ServerView
-from privlm.runtime.clients import LocalClients, user_contribution
+from privlm.engine.executor import Reply, ServerView
+from privlm.runtime.clients import LocalClients, LocalExecutor, user_contribution
 from privlm.runtime.workers import ProcessWorkers
 
 
-class ProcessExecutor:
+class ProcessExecutor(LocalExecutor):
     def __init__(self, clients: LocalClients, workers: int) -> None:
-        self.clients, self.workers = clients, workers
-        self.population: Population = clients.population
+        super().__init__(clients)
+        self.workers = workers
         self._pool: ProcessWorkers | None = None
         self.workdir: Path | None = None  # the run directory: the clients' token files, while workers start
 
@@ -37,9 +37,6 @@ class ProcessExecutor:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-
-    def evaluate(self, params) -> tuple[float, float]:
-        return self.clients.evaluate(params)
 
     def contributions(self, view: ServerView, ids: list[int],
                       on_client: Callable[[], None] | None = None) -> Iterator[Reply]:

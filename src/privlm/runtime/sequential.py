@@ -9,35 +9,19 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 
-from privlm.engine.executor import Population, Reply, ServerView
+from privlm.engine.executor import Reply, ServerView
 from privlm.federated.client import local_train
 from privlm.federated.dp_sgd import dp_sgd_train
 from privlm.mechanisms.base import Contribution
-from privlm.runtime.clients import LocalClients, user_contribution
+from privlm.runtime.clients import LocalExecutor, user_contribution
 from privlm.runtime.training import client_generator
 from privlm.seeds import derived_seed
 
 
-class SequentialExecutor:
-    def __init__(self, clients: LocalClients) -> None:
-        self.clients = clients
-        self.population: Population = clients.population
-
-    deterministic = True
-
-    def start(self, run_dir: Path) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def evaluate(self, params) -> tuple[float, float]:
-        return self.clients.evaluate(params)
-
+class SequentialExecutor(LocalExecutor):
     def contributions(self, view: ServerView, ids: list[int],
                       on_client: Callable[[], None] | None = None) -> Iterator[Reply]:
         cl = self.clients

@@ -14,13 +14,12 @@ import queue
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from privlm.engine.executor import Population, Reply, ServerView
+from privlm.engine.executor import Reply, ServerView
 from privlm.federated.client import local_train
-from privlm.runtime.clients import LocalClients, user_contribution
+from privlm.runtime.clients import LocalClients, LocalExecutor, user_contribution
 from privlm.runtime.training import client_generator
 
 log = logging.getLogger(__name__)
@@ -39,10 +38,10 @@ def has_dropout(model: torch.nn.Module) -> bool:
     return False
 
 
-class ThreadExecutor:
+class ThreadExecutor(LocalExecutor):
     def __init__(self, clients: LocalClients, workers: int) -> None:
-        self.clients, self.workers = clients, workers
-        self.population: Population = clients.population
+        super().__init__(clients)
+        self.workers = workers
         self._replicas: list[torch.nn.Module] = []
         # Dropout draws from torch's one global generator; with clients in parallel threads the
         # order of draws, and so the masks, depend on timing: such a run is not reproducible.
@@ -50,15 +49,6 @@ class ThreadExecutor:
         if not self.deterministic:
             log.warning("workers = %d with dropout: dropout masks depend on thread timing, so this "
                         "run is not bit-reproducible (a resumed round is paid for again)", workers)
-
-    def start(self, run_dir: Path) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def evaluate(self, params) -> tuple[float, float]:
-        return self.clients.evaluate(params)
 
     def contributions(self, view: ServerView, ids: list[int],
                       on_client: Callable[[], None] | None = None) -> Iterator[Reply]:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from privlm.errors import FederationError
 from privlm.federated.client import ClientResult, local_train
 from privlm.models.factory import build_model
 from privlm.rundir import TOKEN_FILE_PREFIX, remove_stale_token_files  # noqa: F401
@@ -147,7 +148,7 @@ def _worker_main(conn: Connection, cfg, threads: int, tokens_path: str) -> None:
                 return
 
 
-class WorkerError(RuntimeError):
+class WorkerError(FederationError):
     """A worker process died or failed to train a client."""
 
 

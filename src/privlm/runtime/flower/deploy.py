@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privlm.config import RunConfig
-from privlm.errors import ConfigError, DataError
+from privlm.errors import ConfigError, FederationError
 from privlm.rundir import RunDir, default_run_dir
 from privlm.runtime.flower.lifetime import die_with_parent
 
@@ -178,7 +178,7 @@ class Federation:
             make_node_key(key)
             res = self.flwr("supernode", "register", str(key.with_suffix(".pub")), CONNECTION)
             if res.returncode != 0:
-                raise DataError(f"flwr supernode register failed: {(res.stdout + res.stderr).strip()[-300:]}")
+                raise FederationError(f"flwr supernode register failed: {(res.stdout + res.stderr).strip()[-300:]}")
         return key
 
     def start_node(self, i: int, tls: list[str] | None = None, auth_key: Path | None = None) -> subprocess.Popen:
@@ -197,13 +197,13 @@ class Federation:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.procs["superlink"].poll() is not None:
-                raise DataError(f"flower-superlink exited at start (code {self.procs['superlink'].returncode}); "
+                raise FederationError(f"flower-superlink exited at start (code {self.procs['superlink'].returncode}); "
                                 f"see {self.root / 'logs' / 'superlink.log'}")
             with closing(socket.socket()) as s:
                 if s.connect_ex((HOST, self.port)) == 0:
                     return
             time.sleep(0.1)
-        raise DataError(f"flower-superlink did not listen on {HOST}:{self.port} within {timeout:g} s")
+        raise FederationError(f"flower-superlink did not listen on {HOST}:{self.port} within {timeout:g} s")
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run([_executable("flwr"), *args], env=self.env, cwd=self.root, capture_output=True,
@@ -218,7 +218,7 @@ class Federation:
         try:
             return int(json.loads(res.stdout)["run-id"])
         except (ValueError, KeyError, TypeError):
-            raise DataError(f"flwr run failed: {(res.stdout + res.stderr).strip()[-500:]}") from None
+            raise FederationError(f"flwr run failed: {(res.stdout + res.stderr).strip()[-500:]}") from None
 
     def status(self, run_id: int) -> str:
         res = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
@@ -369,7 +369,7 @@ def run_federation(fed: Federation, rd: RunDir, cfg: RunConfig, nodes: int, fede
         status = _follow(fed, run_id, rd, cfg, progress, run_timeout)
         (fed.root / "serverapp.log").write_text(fed.server_log(run_id))
         if status != "finished:completed":
-            raise DataError(f"the Flower run ended {status!r}; see {fed.root / 'serverapp.log'} "
+            raise FederationError(f"the Flower run ended {status!r}; see {fed.root / 'serverapp.log'} "
                             f"and {fed.root / 'logs'}")
         return rd.path
     finally:
