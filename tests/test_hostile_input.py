@@ -376,3 +376,69 @@ def test_a_read_only_output_is_one_line_and_writes_nothing(small_disk, tmp_path)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "Read-only file system" in lines[0] and "Traceback" not in proc.stderr
     assert list(small_disk.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_every_write_point_loses_nothing_and_resumes_to_the_same_run(tmp_path, monkeypatch):
+    """ENOSPC injected half-way through the n-th atomic write, for every n of a 2-round run: the run
+    stops with OSError, nothing on disk is half-written or inconsistent, and a resume gives the
+    uninterrupted run's ledger and final checkpoint byte for byte (seeded, so replayable)."""
+    import errno
+
+    from privlm import faults
+    from privlm.api import resume
+    from privlm.errors import DataError
+    from privlm.privacy import Ledger
+    from privlm.rundir import RunDir
+
+    cfg = load_config(None, [*TINY, "output.checkpoint_every=1"])
+    Simulation(cfg).run(tmp_path / "ref", progress=False)
+    ref_ledger = json.loads((tmp_path / "ref" / "privacy.json").read_text())["ledger"]
+    ref_final = (tmp_path / "ref" / "checkpoints" / "round-0002.safetensors").read_bytes()
+    points = 0
+    for n in range(1, 80):
+        out = tmp_path / f"run-{n}"
+        faults._counts.clear()
+        monkeypatch.setenv("PRIVLM_ENOSPC_AT", str(n))
+        try:
+            Simulation(load_config(None, [*TINY, "output.checkpoint_every=1"])).run(out, progress=False)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        else:
+            break  # n is past the run's last write: every write point was tried
+        finally:
+            monkeypatch.delenv("PRIVLM_ENOSPC_AT")
+        points += 1
+        assert not [p for p in out.rglob("*.tmp")], n  # the half-written file was removed
+        rd = RunDir(out)
+        if rd.privacy_path.exists() and rd.head_path.exists():
+            entries, digest = rd.read_head()
+            assert Ledger.from_list(rd.read_privacy()["ledger"], mode="user").digest(entries) == digest, n
+        if rd.config_path.exists():
+            resume(out, progress=False)
+        else:  # the very first write: nothing to resume (said in one line); the same directory runs anew
+            with pytest.raises(DataError, match="not a privlm run directory"):
+                resume(out, progress=False)
+            Simulation(load_config(None, [*TINY, "output.checkpoint_every=1"])).run(out, progress=False)
+        assert json.loads(rd.privacy_path.read_text())["ledger"] == ref_ledger, n
+        assert rd.checkpoint_path(2).read_bytes() == ref_final, n
+    assert points >= 15, points  # config, privacy, head, checkpoints, state, metrics, report: all tried
+
+
+def test_resume_refuses_an_audit_json_that_is_not_an_audit_of_this_run(tmp_path):
+    """Issue #26 (left over): a foreign audit.json in the run directory was kept by a resume (and
+    shown in report.html as this run's audit). An audit of one of the run's checkpoints is kept."""
+    from privlm.api import resume
+    from privlm.errors import DataError
+
+    out = tmp_path / "run"
+    Simulation(load_config(None, [*TINY, "output.checkpoint_every=1"])).run(out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for foreign in ('{"round": 99}', '{"round": "1"}', '[1, 2]', '{"no": "round"}'):
+        (out / "audit.json").write_text(foreign)
+        with pytest.raises(DataError, match="audit.json: not an audit of a checkpoint of this run"):
+            resume(out, progress=False)
+        after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "audit.json"}
+        assert after == {k: v for k, v in before.items() if k != "audit.json"}  # nothing changed
+    (out / "audit.json").write_text('{"round": 1, "claimed_epsilon": 3.0}')  # an audit of checkpoint 1
+    assert resume(out, progress=False).rounds_completed == 2

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from privlm.errors import DataError
-from privlm.faults import fault_point
+from privlm.faults import enospc_point, fault_point
 
 
 _UMASK = os.umask(0)
@@ -47,7 +47,10 @@ def atomic_write(path: Path, data: bytes, fault: str | None = None) -> None:
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            half = len(data) // 2
+            f.write(data[:half])
+            enospc_point()  # (tests: the disk fills up half-way through this file)
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
         fault_point("mid-write")  # crash tests: die with the temp file complete, not renamed

@@ -21,7 +21,7 @@ from privlm.errors import DataError
 from privlm.federated import dp_fedavg
 from privlm.federated.client import get_params
 from privlm.privacy.ledger import Ledger
-from privlm.rundir import RunDir
+from privlm.rundir import RunDir, read_json
 from privlm.rundir import remove_stale_token_files
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ def load_for_resume(engine: Engine, rd: RunDir) -> tuple[dp_fedavg.ServerState, 
         return engine.start(rd, restart=True)
     _check_own_files(engine, rd)
     done, params, opt_state, paid_entries, saved_mech, state_digest = rd.load_state()
+    _check_audit(rd, done)
     metrics = [m for m in rd.read_metrics() if m["round"] <= done]  # (validated before anything is written)
     mechanism = engine.algo.mechanism
     try:
@@ -110,6 +111,18 @@ def _check_own_files(engine: Engine, rd: RunDir) -> None:
     if load_plan(rd.path) != engine.audit_plan:
         raise DataError(f"{rd.path / 'audit'}: the audit canaries differ from the ones this run trained "
                         "with (pass the saved plan: privlm.resume / privlm run --resume load it)")
+
+
+def _check_audit(rd: RunDir, done: int) -> None:
+    """An audit.json must be ``privlm audit``'s, of a checkpoint this run released (round <= done)."""
+    path = rd.path / "audit.json"
+    if not path.exists() and not path.is_symlink():
+        return
+    record = read_json(path)
+    r = record.get("round") if isinstance(record, dict) else None
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= done or not rd.checkpoint_path(r).exists():
+        raise DataError(f"{path}: not an audit of a checkpoint of this run (round {r!r}; the run completed "
+                        f"{done}); refusing files this run did not write: move it out of the run directory")
 
 
 def _check_tensors(engine: Engine, rd: RunDir, params: dict, opt_state: dict) -> None:

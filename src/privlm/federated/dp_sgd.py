@@ -19,7 +19,7 @@ note, a line), and each silo runs DP-SGD over its own records. One step:
 
 Privacy: one step is ``PoissonSampled(q, Gaussian(z))`` on the silo's records;
 a round of local training is that event self-composed ``steps`` times
-(:func:`silo_round_event`). Empty Poisson batches are steps too (noise only).
+(:meth:`privlm.mechanisms.silo.SiloDPSGD.event`). Empty Poisson batches are steps too (noise only).
 A record is one example: it is cut to one window of ``block_size`` tokens
 (longer records are truncated, never split, so one record never becomes two
 examples).
@@ -33,7 +33,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-import dp_accounting
 import numpy as np
 import torch
 import torch.nn as nn
@@ -59,12 +58,6 @@ class ExampleDP:
             raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate}")
         if not (self.clip_norm > 0 and self.noise_multiplier >= 0):
             raise ValueError("clip_norm must be > 0 and noise_multiplier >= 0")
-
-
-def silo_round_event(dp: ExampleDP, steps: int) -> dp_accounting.DpEvent:
-    """One silo's privacy cost for a round of ``steps`` DP-SGD steps."""
-    step = dp_accounting.PoissonSampledDpEvent(dp.sampling_rate, dp_accounting.GaussianDpEvent(dp.noise_multiplier))
-    return step if steps == 1 else dp_accounting.SelfComposedDpEvent(step, steps)
 
 
 def steps_per_round(cfg: LocalTraining, dp: ExampleDP) -> int:
