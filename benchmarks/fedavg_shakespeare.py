@@ -12,6 +12,15 @@ Any config key can be changed with --set (e.g. ``--set device=cuda``, ``--set
 privacy.mode=user --set privacy.target_epsilon=8`` for a point of the privacy-utility
 curve, ``--target 2`` to run all --max-rounds). The JSON result (``--out/NAME.json``) is
 rewritten after every evaluation, so a run cut short still leaves its figures.
+
+``--recipe mcmahan-lstm`` is the paper's own setup (issue #20.A): the character LSTM (embedding 8,
+2 x 256), FedAvg E = 5, B = 10, 10% of the clients a round, local SGD lr 1.47, server lr 1, 80-character
+windows. Long runs go in the background and continue where they stopped (``--resume``: the run
+directory is kept, the round loop resumes from its last durable state, earlier evaluations are
+read back from NAME.json):
+
+    nohup python benchmarks/fedavg_shakespeare.py --data ../shared/data/shakespeare --recipe mcmahan-lstm \
+        --name lstm_fedavg --eval-every 1 --max-rounds 60 --max-minutes 600 --resume > lstm.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -25,6 +34,15 @@ from privlm.config import load_config
 from privlm.api import Simulation
 
 
+RECIPES = {
+    "transformer": ["model.n_layer=3", "model.n_embd=128", "model.n_head=4", "model.block_size=80",
+                    "client.local_epochs=1", "client.batch_size=10", "client.optimizer=adam", "client.lr=0.003"],
+    # McMahan et al. 2017, Shakespeare LSTM, FedAvg E=5, B=10, C=0.1 (their best: 54% in 41 rounds)
+    "mcmahan-lstm": ["model.kind=lstm", "model.block_size=80", "client.local_epochs=5", "client.batch_size=10",
+                     "client.optimizer=sgd", "client.lr=1.47", "server.lr=1.0"],
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="directory of the 37 plays")
@@ -36,18 +54,28 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--keep-run", action="store_true", help="keep the run directory (checkpoints)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--recipe", choices=["transformer", "mcmahan-lstm"], default="transformer")
+    ap.add_argument("--resume", action="store_true", help="continue the kept run directory if there is one")
     args = ap.parse_args()
+    recipe = RECIPES[args.recipe]
 
     cfg = load_config(None, [
         "data.source=shakespeare", f'data.path="{args.data}"', "privacy.mode=none",
-        "model.n_layer=3", "model.n_embd=128", "model.n_head=4", "model.block_size=80",
-        "client.local_epochs=1", "client.batch_size=10", "client.optimizer=adam", "client.lr=0.003",
+        *recipe,
         f"federation.rounds={args.max_rounds}", "federation.clients_per_round=123",
         f"eval.every={args.eval_every}", "output.checkpoint_every=1000", *args.overrides,
     ])
     cfg.eval.max_clients = None  # evaluate on every client's held-out lines
+    out_dir = args.out / f"run-{args.name}"
+    resuming = args.resume and (out_dir / "config.toml").exists()
     t_setup = time.time()
-    sim = Simulation(cfg)
+    if resuming:  # the run's own config.toml: the same run, continued
+        from privlm.audit import load_plan
+
+        cfg = load_config(out_dir / "config.toml", [])
+        sim = Simulation(cfg, audit_plan=load_plan(out_dir))
+    else:
+        sim = Simulation(cfg)
     stats = sim.corpus.stats()
     print(f"[{args.name}] shakespeare: {stats['num_clients']} clients, {stats['train_chars']:,} train chars; "
           f"model {sim.model.num_params():,} params on {sim.device}; z = {sim.cfg.privacy.noise_multiplier}",
@@ -57,6 +85,13 @@ def main() -> None:
     reached: dict = {}
     evals: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
+    earlier = args.out / f"{args.name}.json"
+    if resuming and earlier.exists():  # the evaluations of earlier sittings; seconds continue from theirs
+        before = json.loads(earlier.read_text())
+        evals = [e for e in before.get("evals", [])]
+        t0 -= before.get("wall_seconds", 0.0)
+        if before.get("rounds_to_target"):
+            reached.update(round=before["rounds_to_target"], seconds=before["seconds_to_target"])
 
     def write(rounds_run: int, final: bool) -> dict:
         result = {
@@ -65,7 +100,7 @@ def main() -> None:
             "clients_per_round": cfg.federation.clients_per_round, "params": sim.model.num_params(),
             "privacy_mode": sim.cfg.privacy.mode, "target_epsilon": sim.cfg.privacy.target_epsilon,
             "noise_multiplier": sim.cfg.privacy.noise_multiplier, "delta": sim.cfg.privacy.delta,
-            "adaptive_clipping": sim.cfg.privacy.adaptive_clipping,
+            "adaptive_clipping": sim.cfg.privacy.adaptive_clipping, "recipe": args.recipe,
             "pseudo_users": sim.cfg.data.pseudo_users,
             "config": json.loads(sim.cfg.model_dump_json()),
             "overrides": args.overrides,
@@ -99,10 +134,10 @@ def main() -> None:
                 return True
         return time.time() > deadline
 
-    out_dir = args.out / f"run-{args.name}"
-    res = sim.run(out_dir, progress=False, stop_when=stop)
-    result = write(res.rounds_completed, final=True)
-    if not args.keep_run:
+    res = sim.run(out_dir, progress=False, stop_when=stop, resume=resuming)
+    done = res.rounds_completed >= cfg.federation.rounds or bool(reached)
+    result = write(res.rounds_completed, final=done)
+    if done and not args.keep_run and not args.resume:
         import shutil
 
         shutil.rmtree(out_dir, ignore_errors=True)

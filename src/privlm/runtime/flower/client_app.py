@@ -140,7 +140,7 @@ def train(msg: Message, context: Context) -> Message:
     params = codec.from_record(codec.content_record(msg, codec.PARAMS))
     if isinstance(params, str):
         raise ValueError(f"global parameters unusable: {params}")
-    res = local_train(model, params, tokens["train"], local_training(cfg),
+    res = local_train(model, params, tokens["train"], local_training(cfg, round_index),
                       client_generator(cfg, round_index - 1, client_id))
     metrics = MetricRecord({"num_tokens": res.num_tokens,
                             "train_loss": res.loss_sum / res.steps if res.steps else float("nan")})
