@@ -8,7 +8,7 @@ change must reproduce them; a change that is meant to alter results re-records t
     PRIVLM_RECORD_GOLDEN=1 python -m pytest tests/test_golden_runs.py
 
 Floating-point results depend on the CPU kernels torch picks, so the digests are keyed by the
-torch version and CPU capability; on another kind of machine the test records nothing and skips.
+torch version, CPU capability and CPU model; on another kind of machine the test records nothing and skips.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,19 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    return f"torch {torch.__version__} / {torch.backends.cpu.get_cpu_capability()}"
+    # (two AVX512 machines, an Intel and an AMD EPYC, gave different digests from the same code)
+    return f"torch {torch.__version__} / {torch.backends.cpu.get_cpu_capability()} / {_cpu_model()}"
 
 
 def run_digest(run_dir: Path) -> dict[str, str]:

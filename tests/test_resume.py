@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dp_accounting
 import pytest
 import tomli_w
 from typer.testing import CliRunner
@@ -163,7 +164,7 @@ def _set_z(entries: list[dict], z: float) -> None:
 
 @pytest.mark.parametrize("damage", ["truncate-state", "garbage-privacy", "no-state", "bad-ledger",
                                     "ledger-gap", "stale-ledger", "other-mode", "edited-z", "rechained-z",
-                                    "noop-events", "no-head", "foreign-checkpoint"])
+                                    "noop-events", "rechained-noop", "no-head", "foreign-checkpoint"])
 def test_corrupt_files_are_an_error_never_a_fresh_start(tmp_path, reference, damage):
     out = _broken_copy(reference, tmp_path)
     state, priv = out / "state.safetensors", out / "privacy.json"
@@ -207,12 +208,25 @@ def test_corrupt_files_are_an_error_never_a_fresh_start(tmp_path, reference, dam
         priv.write_text(json.dumps(rec))
         RunDir(out).write_head(len(forged), forged.digest())
         match = "not the ones state.safetensors was saved after"
-    elif damage == "noop-events":  # NoOpDpEvent costs nothing; no privlm mechanism writes it
+    elif damage == "noop-events":  # NoOpDpEvent costs nothing (banded MF pays it past k b rounds)
         rec = json.loads(priv.read_text())
         for e in rec["ledger"]:
             e["event"] = {"class": "NoOpDpEvent"}
         priv.write_text(json.dumps(rec))
-        match = "unsupported DP event class 'NoOpDpEvent'"
+        match = r"entry 1 \(round 1\): its digest does not match"
+    elif damage == "rechained-noop":  # the same, with the chain, head file and resume state all forged
+        rec = json.loads(priv.read_text())
+        forged = Ledger()
+        for e in rec["ledger"]:
+            le = LedgerEntry.from_dict({k: v for k, v in e.items() if k != "digest"})
+            forged.append(le.round, dp_accounting.NoOpDpEvent(), le.lost, le.silo, le.clip_norm)
+        rec["ledger"] = forged.to_list()
+        priv.write_text(json.dumps(rec))
+        rd = RunDir(out)
+        rd.write_head(len(forged), forged.digest())
+        done, params, opt_state, _, mech, _ = rd.load_state()
+        rd.save_state(done, params, opt_state, len(forged), mech, forged.digest())
+        match = "round 1 was paid for with a different mechanism than config.toml describes"
     elif damage == "no-head":
         (out / "ledger-head.json").unlink()
         match = "ledger-head.json: missing"

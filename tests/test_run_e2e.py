@@ -164,9 +164,9 @@ def test_ledger_entry_is_on_disk_before_the_parameters_it_pays_for(shared_data, 
         seen.append(("checkpoint", r, ledger_on_disk() if r else 0))
         return real_save(self, r, params)
 
-    def sample(self, rng):
+    def sample(self, rng, round_index=1):
         seen.append(("sample", None, ledger_on_disk()))
-        return real_sample(self, rng)
+        return real_sample(self, rng, round_index)
 
     monkeypatch.setattr(RunDir, "save_checkpoint", save)
     monkeypatch.setattr(GaussianFedAvg, "sample", sample)

@@ -25,8 +25,10 @@ from privlm.federated.client import LocalTraining
 from privlm.federated.dp_fedavg import FedAvg
 from privlm.federated.dp_sgd import ExampleDP, steps_per_round
 from privlm.federated.server_opt import ServerOptimizer
-from privlm.mechanisms import AdaptiveClipGaussian, AdaptiveClipping, GaussianFedAvg, Mechanism, NonPrivateFedAvg, SiloDPSGD
+from privlm.mechanisms import (AdaptiveClipGaussian, AdaptiveClipping, BandedMF, GaussianFedAvg, Mechanism,
+                               NonPrivateFedAvg, SiloDPSGD)
 from privlm.models.factory import build_model
+from privlm.privacy.banded import optimal_banded_toeplitz
 from privlm.privacy.accountant import accounting_problem, calibrate_noise_multiplier, default_delta, epsilon_for
 from privlm.privacy.guarantee import weak_delta_warning
 from privlm.runtime.clients import LocalClients
@@ -71,27 +73,34 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> tuple[RunConfig, Resolv
     if (weak := weak_delta_warning(delta, "clients")) is not None:
         log.warning(weak)
     q = cfg.federation.clients_per_round / num_clients
+    compositions, scale = cfg.federation.rounds, 1.0  # the accounting's (q, T) and z's unit
+    new = cfg.model_copy(deep=True)
+    banded = _banded_settings(new, num_clients)
+    if banded is not None:  # a group's ceil(T/b) Poisson rounds; or one Gaussian of sensitivity s
+        q, compositions, scale = (banded.sampling_rate, banded.participations, 1.0) if banded.sampling == "cyclic-poisson" \
+            else (1.0, 1, banded.sensitivity)
     z = p.noise_multiplier
     if z is None:
         assert p.target_epsilon is not None
-        if (problem := accounting_problem(q, 1.0, cfg.federation.rounds)) is not None:
+        if (problem := accounting_problem(q, 1.0, compositions)) is not None:
             raise ConfigError(f"federation.rounds: {problem[1]}")
         try:
-            z = calibrate_noise_multiplier(p.target_epsilon, q, cfg.federation.rounds, delta, p.accountant)
+            z = scale * calibrate_noise_multiplier(p.target_epsilon, q, compositions, delta, p.accountant)
         except ValueError as e:
             raise ConfigError(f"privacy.target_epsilon: {p.target_epsilon:g} cannot be met: {e}") from None
-    if (problem := accounting_problem(q, z, cfg.federation.rounds)) is not None:
+    if (problem := accounting_problem(q, z / scale, compositions)) is not None:
         key = "privacy.noise_multiplier" if problem[0] == "noise_multiplier" else "federation.rounds"
         raise ConfigError(f"{key}: {problem[1]}")
     budget = p.budget
     if budget is not None:
-        one = epsilon_for([GaussianFedAvg(num_clients, cfg.federation.clients_per_round, p.clip_norm, z).event()],
-                          delta, p.accountant)
+        new.privacy.noise_multiplier = z
+        first = make_mechanism(new, num_clients).event(1) if banded is not None else \
+            GaussianFedAvg(num_clients, cfg.federation.clients_per_round, p.clip_norm, z).event()
+        one = epsilon_for([first], delta, p.accountant)
         if one > budget:
             key = "privacy.max_epsilon" if p.max_epsilon is not None else "privacy.target_epsilon"
             raise ConfigError(f"{key}: budget {budget:g} is below the cost of a single round "
                               f"(epsilon {one:.3g} at z={z:.4g}, q={q:.4g}); raise it or the noise")
-    new = cfg.model_copy(deep=True)
     new.privacy.delta = delta
     new.privacy.noise_multiplier = z
     if (adaptive := adaptive_clipping(new)) is not None:
@@ -104,6 +113,37 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> tuple[RunConfig, Resolv
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return new, _frozen(new)
+
+
+def _banded_settings(cfg: RunConfig, num_clients: int) -> BandedMF | None:
+    """Banded MF's strategy (optimised now, stored in ``cfg``'s copy) and checks; None for other mechanisms.
+
+    The mechanism it returns has a placeholder z (for its public numbers: q, k, sensitivity)."""
+    m = cfg.privacy.mechanism
+    if m is None or m.kind != "banded-mf":
+        return None
+    T, s = cfg.federation.rounds, cfg.server
+    if m.bands > T:
+        raise ConfigError(f"privacy.mechanism.bands: {m.bands} exceeds federation.rounds = {T}")
+    if m.max_participations is not None and m.sampling != "none":
+        raise ConfigError("privacy.mechanism.max_participations: for sampling = \"none\" (cyclic Poisson "
+                          "sampling already takes each client at most once in every `bands` rounds)")
+    if cfg.audit.update_canaries > 0:
+        raise ConfigError("audit.update_canaries: white-box canaries are Poisson-sampled like DP-FedAvg's users, "
+                          "not banded MF's; set it to 0 (audit.canaries, in the data, work)")
+    workload = m.workload if m.workload != "auto" else ("momentum" if s.optimizer == "fedavgm" else "prefix")
+    if workload == "momentum" and s.optimizer != "fedavgm":
+        raise ConfigError("privacy.mechanism.workload: \"momentum\" is server.optimizer = \"fedavgm\"'s")
+    if m.coefficients is None:
+        m.coefficients = list(optimal_banded_toeplitz(T, m.bands, workload, s.beta1 if workload == "momentum" else 0.0))
+    elif len(m.coefficients) != m.bands:
+        raise ConfigError(f"privacy.mechanism.coefficients: {len(m.coefficients)} values for {m.bands} bands")
+    try:
+        return BandedMF(num_clients, cfg.federation.clients_per_round, cfg.privacy.clip_norm, 1.0,
+                        tuple(m.coefficients), T, m.sampling, m.max_participations, workload)
+    except ValueError as e:
+        key = "privacy.mechanism.coefficients" if "coefficients" in str(e) else "federation.clients_per_round"
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def resolve_silos(cfg: RunConfig, local: LocalTraining, num_silos: int) -> tuple[RunConfig, ResolvedPrivacy, SiloDPSGD]:
@@ -148,14 +188,20 @@ def resolve_silos(cfg: RunConfig, local: LocalTraining, num_silos: int) -> tuple
     return new, _frozen(new), silo
 
 
-def make_mechanism(cfg: RunConfig, num_clients: int) -> Mechanism:
-    """The server-side mechanism of a resolved user-level or non-private config."""
+def make_mechanism(cfg: RunConfig, num_clients: int, client_ids: tuple[str, ...] = ()) -> Mechanism:
+    """The server-side mechanism of a resolved user-level or non-private config (``client_ids``:
+    the population, which banded MF's cyclic sampling groups by)."""
     p, m = cfg.privacy, cfg.federation.clients_per_round
     if p.mode == "none":
         return NonPrivateFedAvg(num_clients, m)
     assert p.noise_multiplier is not None
     if (adaptive := adaptive_clipping(cfg)) is not None:
         return AdaptiveClipGaussian(num_clients, m, p.clip_norm, p.noise_multiplier, adaptive)
+    if (b := p.mechanism) is not None and b.kind == "banded-mf":
+        assert b.coefficients is not None  # (resolved)
+        workload = b.workload if b.workload != "auto" else ("momentum" if cfg.server.optimizer == "fedavgm" else "prefix")
+        return BandedMF(num_clients, m, p.clip_norm, p.noise_multiplier, tuple(b.coefficients), cfg.federation.rounds,
+                        b.sampling, b.max_participations, workload, tuple(client_ids))
     return GaussianFedAvg(num_clients, m, p.clip_norm, p.noise_multiplier)
 
 
@@ -250,7 +296,7 @@ def in_process(cfg: RunConfig, corpus: FederatedCorpus | None = None, progress: 
         executor = ThreadExecutor(clients, resolved.workers)
     else:
         executor = SequentialExecutor(clients)
-    mechanism: Mechanism = silo if silo is not None else make_mechanism(resolved, n)
+    mechanism: Mechanism = silo if silo is not None else make_mechanism(resolved, n, executor.population.client_ids)
     return Engine(resolved, privacy, make_algorithm(resolved, mechanism), executor, model, audit_plan), clients
 
 
@@ -260,7 +306,7 @@ def with_executor(cfg: RunConfig, executor: Executor) -> Engine:
     torch.manual_seed(resolved.seed)
     model, _ = build_model(resolved)
     model.to(resolve_device(resolved))
-    mechanism = make_mechanism(resolved, executor.population.num_clients)
+    mechanism = make_mechanism(resolved, executor.population.num_clients, executor.population.client_ids)
     return Engine(resolved, privacy, make_algorithm(resolved, mechanism), executor, model)
 
 

@@ -202,8 +202,29 @@ class AdaptiveMechanismConfig(_Section):
     clipped_count_stddev: float | None = Field(None, gt=0, le=1e9, allow_inf_nan=False)  # default: clients_per_round / 20
 
 
+class BandedMFMechanismConfig(_Section):
+    """Banded matrix factorization (Choquette-Choo et al. 2023): noise correlated over ``bands`` rounds
+    (privlm.mechanisms.banded_mf). ``sampling = "cyclic-poisson"``: the server samples (a client's
+    group is a hash of its id mod ``bands``; round t samples group ``(t-1) mod bands``, amplified);
+    ``"none"``: clients check in as they can and the server only enforces that each takes part at
+    most ``max_participations`` times, >= ``bands`` rounds apart. ``privacy.clip_norm`` is the
+    fixed C; z (or target_epsilon) is the noise on C x."""
+
+    kind: Literal["banded-mf"] = "banded-mf"
+    bands: int = Field(4, ge=1, le=4096)
+    sampling: Literal["cyclic-poisson", "none"] = "cyclic-poisson"
+    max_participations: int | None = Field(None, ge=1, le=10_000_000)  # "none" only; None: every `bands` rounds
+    # What the strategy matrix is optimised for: the model as a prefix sum of the released updates
+    # ("prefix"), or with the server's momentum (server.optimizer = "fedavgm", beta1); "auto" picks.
+    workload: Literal["auto", "prefix", "momentum"] = "auto"
+    # c_0..c_{bands-1} of the strategy matrix: optimised when the run starts and stored in its
+    # config.toml (a resume uses the very same matrix); give them to fix the matrix yourself.
+    coefficients: list[float] | None = None
+
+
 # ``[privacy.mechanism]``, told apart by ``kind``; one class per mechanism of privlm.mechanisms.
-MechanismConfig = Annotated[GaussianMechanismConfig | AdaptiveMechanismConfig, Field(discriminator="kind")]
+MechanismConfig = Annotated[GaussianMechanismConfig | AdaptiveMechanismConfig | BandedMFMechanismConfig,
+                            Field(discriminator="kind")]
 _FLAT_ADAPTIVE_KEYS = ("adaptive_clipping", "target_quantile", "clip_learning_rate", "clipped_count_stddev")
 
 
@@ -250,7 +271,7 @@ class PrivacyConfig(_Section):
         return self
 
     @property
-    def user_mechanism(self) -> GaussianMechanismConfig | AdaptiveMechanismConfig:
+    def user_mechanism(self) -> GaussianMechanismConfig | AdaptiveMechanismConfig | BandedMFMechanismConfig:
         """The user-level mechanism, from ``[privacy.mechanism]`` or from the flat keys."""
         if self.mechanism is not None:
             return self.mechanism

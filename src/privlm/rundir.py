@@ -209,12 +209,15 @@ class RunDir:
 
     def save_state(self, round_index: int, params: dict[str, torch.Tensor],
                    opt_state: dict[str, dict[str, torch.Tensor]], ledger_entries: int = 0,
-                   mechanism: dict[str, float] | None = None, ledger_digest: str = "") -> None:
+                   mechanism: dict[str, object] | None = None, ledger_digest: str = "") -> None:
         """The resume state after ``round_index``: parameters, server-optimizer slots, and the
-        mechanism's state (named numbers, e.g. adaptive clipping's ``clip_norm``)."""
+        mechanism's state (named JSON values, e.g. adaptive clipping's ``clip_norm``, and tensors,
+        e.g. banded MF's last noise draws, stored as ``mech/<name>`` beside the parameters)."""
         tensors = {f"params/{k}": v.detach().contiguous() for k, v in params.items()}
         for slot, values in opt_state.items():
             tensors.update({f"opt/{slot}/{k}": v.detach().contiguous() for k, v in values.items()})
+        tensors.update({f"mech/{k}": v.detach().contiguous() for k, v in (mechanism or {}).items()
+                        if isinstance(v, torch.Tensor)})
         # ledger_entries: how many ledger entries had paid when this state was made (a resume
         # refuses a ledger shorter than that: a stale or swapped privacy.json).
         # One metadata key: safetensors writes several in no fixed order, and the chaos test
@@ -224,6 +227,8 @@ class RunDir:
         info = {"round": round_index, "ledger_entries": ledger_entries, "ledger_digest": ledger_digest,
                 "tensors_sha256": tensors_digest(tensors)}  # flipped bytes are refused on resume
         for key, value in (mechanism or {}).items():  # (float repr round-trips)
+            if isinstance(value, torch.Tensor):
+                continue
             if key in info or key in _STATE_KEYS:
                 raise ValueError(f"mechanism state key {key!r} is reserved")
             info[key] = value
@@ -263,6 +268,8 @@ class RunDir:
             elif kind == "opt" and "/" in rest:
                 slot, _, name = rest.partition("/")
                 opt_state.setdefault(slot, {})[name] = t
+            elif kind == "mech" and rest and rest not in mechanism:
+                mechanism[rest] = t  # (the mechanism's load_state checks it)
             else:
                 raise DataError(f"{path}: corrupt resume state (unexpected tensor {key!r})")
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):

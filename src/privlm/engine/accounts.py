@@ -69,13 +69,19 @@ class Accounts:
         fresh = self._eps_entries == len(self.ledger) and len(self.ledger) > 0
         return self._epsilon if fresh and math.isfinite(self._epsilon) else None
 
-    def allows(self, event: dp_accounting.DpEvent, round_index: int) -> bool:
-        """Whether paying ``event`` for ``round_index`` keeps the ledger within the budget.
+    def allows(self, event: dp_accounting.DpEvent, round_index: int, group: int | None = None,
+               constant: bool = True) -> bool:
+        """Whether paying ``event`` for ``round_index`` (to ``group``'s account) keeps the ledger
+        within the budget.
 
-        Exact: a :class:`BudgetCheck` finds once how many more such events fit (up to the last
-        round), and is built anew whenever the ledger changed otherwise (a resume, another event).
+        Exact: for a mechanism whose rounds all cost the same, a :class:`BudgetCheck` finds once how
+        many more such events fit (up to the last round), and is built anew whenever the ledger
+        changed otherwise (a resume, another event); otherwise (events that vary by round, or
+        accounts per group) the account's events with ``event`` are composed, once per round.
         """
         p = self.privacy
+        if group is not None or not constant:
+            return p.budget is None or self.epsilon_with(event, group) <= p.budget
         built = self._check
         if built is None or built[1].event != event or not 0 < len(self.ledger) - built[0] + 1 <= built[1].horizon:
             check = BudgetCheck(self.ledger.events, event, p.delta or 0.0, p.accountant, p.budget,
@@ -83,9 +89,13 @@ class Accounts:
             built = self._check = (len(self.ledger), check)
         return built[1].allows(len(self.ledger) - built[0] + 1)
 
-    def epsilon_with(self, event: dp_accounting.DpEvent) -> float:
+    def epsilon_with(self, event: dp_accounting.DpEvent, group: int | None = None) -> float:
+        """The epsilon after paying ``event`` (to ``group``'s account: the largest account's, then)."""
         p = self.privacy
-        return epsilon_for([*self.ledger.events, event], p.delta or 0.0, p.accountant)
+        if group is None:
+            return epsilon_for([*self.ledger.events, event], p.delta or 0.0, p.accountant)
+        others = [epsilon_for(self.ledger.for_group(g), p.delta or 0.0, p.accountant) for g in self.ledger.groups() if g != group]
+        return max([epsilon_for([*self.ledger.for_group(group), event], p.delta or 0.0, p.accountant), *others])
 
     def write(self, rd: RunDir, record: dict) -> dict:
         """privacy.json (``record`` and the ledger), then ledger-head.json: what has been paid."""

@@ -58,19 +58,19 @@ class CentralPayment:
     def pay(self, rd: RunDir, r: int, state: ServerState) -> tuple[list[int], float | None, str | None]:
         e = self.engine
         mech, accounts, p = e.algo.mechanism, e.accounts, e.privacy
-        event, clip = mech.event(), mech.ledger_clip(state.mechanism)
+        event, clip, group = mech.event(r), mech.ledger_clip(state.mechanism), mech.group(r)
         accounted = not isinstance(event, dp_accounting.NonPrivateDpEvent)  # (whoever adds the noise)
         paid = e.ledger.entry_for(r)
         if paid is not None:  # a resumed replay of a round already paid for
-            if (paid.event, paid.clip_norm) != (event, clip):
+            if (paid.event, paid.clip_norm, paid.group) != (event, clip, group):
                 raise DataError(f"{rd.privacy_path}: round {r} was paid for with a different "
                                 "mechanism than config.toml describes")
         else:
-            if accounted and not accounts.allows(event, r):
-                over = accounts.epsilon_with(event)
+            if accounted and not accounts.allows(event, r, group, mech.constant_event):
+                over = accounts.epsilon_with(event, group)
                 return [], None, (f"budget stop: round {r} would raise epsilon to {over:.4f}, "
                                   f"above the budget {p.budget:g}; it did not run")
-            e.ledger.append(r, event, clip_norm=clip)
+            e.ledger.append(r, event, clip_norm=clip, group=group)
             e.write_privacy(rd, r - 1, exact=not accounted)
         eps = accounts.epsilon() if accounted and e.epsilon_due(r) else None
         if eps is not None and p.budget is not None and eps > p.budget:
@@ -78,7 +78,7 @@ class CentralPayment:
             # dp-accounting's numbers ever break that, nothing is released over budget.
             return [], eps, (f"budget stop: round {r} raised epsilon to {eps:.4f}, above the budget "
                              f"{p.budget:g}; it was paid for but did not run")
-        return mech.sample(sampling_rng(e.cfg, r)), eps, None
+        return mech.sample(sampling_rng(e.cfg, r), r), eps, None
 
     def after_resume(self, rd: RunDir) -> None:
         pass
@@ -108,8 +108,8 @@ class SiloPayment:
         """Which silos train in round ``r``, each having paid first (durably, before any trains)."""
         e = self.engine
         mech, p = e.algo.mechanism, e.privacy
-        event = mech.event()
-        ids = mech.sample(sampling_rng(e.cfg, r))
+        event = mech.event(r)
+        ids = mech.sample(sampling_rng(e.cfg, r), r)
         paid = {x.silo for x in e.ledger if x.round == r and not x.lost and x.silo is not None}
         if paid:  # a resumed (seeded) replay: exactly the silos that paid, with the planned events
             for x in e.ledger:

@@ -141,6 +141,12 @@ def _check_rounds_paid(engine: Engine, rd: RunDir, ledger: Ledger, done: int) ->
         if ledger.entry_for(r) is None:
             raise DataError(f"{rd.privacy_path}: no ledger entry for round {r}, which the resume "
                             "state says completed; refusing to under-count")
+    if engine.privacy.mode == "user":  # every entry is of the kind config.toml's mechanism pays for its
+        mech = engine.algo.mechanism  # round (its z, q may have changed since: each segment is described)
+        for e in ledger:
+            if not e.lost and (e.group != mech.group(e.round) or type(e.event) is not type(mech.event(e.round))):
+                raise DataError(f"{rd.privacy_path}: round {e.round} was paid for with a different mechanism "
+                                "than config.toml describes; refusing a ledger this run did not write")
     if engine.replayable:
         later = sorted({e.round for e in ledger if e.round > done and not e.lost})
         if later and later != [done + 1]:
@@ -150,6 +156,10 @@ def _check_rounds_paid(engine: Engine, rd: RunDir, ledger: Ledger, done: int) ->
         for e in ledger.mark_lost_after(done):
             log.warning("round %d was paid for but its result was lost; it stays counted "
                         "and runs again with fresh noise", e.round)
+            # Correlated noise: the lost release is one more row of the strategy matrix, which
+            # costs more than its own entry (privlm.mechanisms.banded_mf); paid now, as lost.
+            for event, group in engine.algo.mechanism.lost_surcharge(e.round):
+                ledger.append(e.round, event, lost=True, group=group)
     last_paid = max((e.round for e in ledger), default=0)
     beyond = [r for r in rd.checkpoints() if r > max(last_paid, done)]
     if beyond:

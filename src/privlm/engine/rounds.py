@@ -96,6 +96,7 @@ class Engine:
             num_clients=m.num_clients, clients_per_round=m.clients_per_round, rounds_completed=rounds_completed,
             stopped=stopped, population=self.population.description, pseudo_users=self.cfg.data.pseudo_users,
             runtime=self.population.runtime, adaptive_clipping=fields["adaptive_clipping"],
+            matrix_factorization=fields.get("matrix_factorization"),
             silos=self.protocol.silos_record())
 
     def write_privacy(self, rd: RunDir, rounds_completed: int, exact: bool = True,

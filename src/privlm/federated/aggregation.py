@@ -151,6 +151,7 @@ class RunningSum:
     weight: float = 0.0
     clipped: int = 0  # how many updates had norm > clip_norm
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # the means' (the parameters')
+    ids: list[str] = field(default_factory=list)  # who was summed, where the aggregator knows it
 
     def __post_init__(self) -> None:
         self.dtypes = {k: self.dtypes.get(k, v.dtype) for k, v in self.total.items()}
@@ -175,7 +176,7 @@ class RunningSum:
         return norm
 
     def add_scaled(self, update: Mapping[str, torch.Tensor], factor: float, weight: float, clipped: bool,
-                   norm: float | None = None) -> None:
+                   norm: float | None = None, client_id: str | None = None) -> None:
         """``total += factor * update`` for an update already validated; under DP ``factor`` is its
         clip scale ``min(1, C'/norm)`` (see :meth:`add`), and that it clips is checked here:
         ``factor * norm <= C`` and weight 1, for the ``norm`` the preprocessing measured."""
@@ -188,6 +189,8 @@ class RunningSum:
         self.count += 1
         self.weight += weight
         self.clipped += clipped
+        if client_id is not None:
+            self.ids.append(client_id)
 
 
 def dp_mean(

@@ -36,7 +36,7 @@ class StreamingSum:
         self.sum = RunningSum.zeros_like(like, clip_norm)
 
     def add(self, record: Preprocessed) -> None:
-        self.sum.add_scaled(record.update, record.factor, record.weight, record.clipped, record.norm)
+        self.sum.add_scaled(record.update, record.factor, record.weight, record.clipped, record.norm, record.client_id)
 
     def result(self) -> RunningSum:
         return self.sum

@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import dp_accounting
 import numpy as np
@@ -66,11 +66,11 @@ class FedAvg:
         """The multiplier of the noise on the sum of updates (None: no server noise)."""
         return getattr(self.mechanism, "update_noise_multiplier", None)
 
-    def round_event(self) -> dp_accounting.DpEvent:
-        return self.mechanism.event()
+    def round_event(self, round_index: int = 1) -> dp_accounting.DpEvent:
+        return self.mechanism.event(round_index)
 
-    def sample_clients(self, rng: np.random.Generator) -> list[int]:
-        return self.mechanism.sample(rng)
+    def sample_clients(self, rng: np.random.Generator, round_index: int = 1) -> list[int]:
+        return self.mechanism.sample(rng, round_index)
 
 
 def DPFedAvg(num_clients: int, clients_per_round: int, mode: Literal["user", "none"] = "user",  # noqa: N802
@@ -94,7 +94,7 @@ class ServerState:
     params: Params
     opt_state: dict
     round: int = 0
-    mechanism: dict[str, float] = field(default_factory=dict)  # e.g. adaptive clipping's current C
+    mechanism: dict[str, Any] = field(default_factory=dict)  # e.g. adaptive clipping's current C
 
     @property
     def clip_norm(self) -> float | None:

@@ -2,12 +2,16 @@
 
 A mechanism owns, for the server's side of a round:
 
-* its **state** (``initial_state``; plain floats the run directory saves generically, e.g.
-  adaptive clipping's current C);
-* the **event** one round costs (``event()``, a function of public settings only): computed
+* its **state** (``initial_state``; named numbers, JSON values or tensors that the run directory
+  saves generically, e.g. adaptive clipping's current C, banded MF's last noise draws);
+* the **event** round t costs (``event(t)``, a function of public settings only): computed
   before anyone is sampled, so the engine can write it to the ledger, durably, before anything
   it pays for exists;
 * who takes part (``sample``): the sampling is part of the mechanism (amplification);
+* whose **account** a round's event is charged to (``group(t)``: None for one account of the
+  whole population; banded MF's cyclic sampling keeps one per participation group, and the run's
+  epsilon is the largest), and what a round lost to a crash costs on top of its own entry
+  (``lost_surcharge(t)``);
 * **preprocessing** of each update (``preprocess``): validate (a reason to reject, never an
   exception), then the clip scale; the same function runs wherever the update is made;
 * the **release** (``release(aggregate, state, rng) -> (mean, new state)``): noise and the
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import dp_accounting
 import numpy as np
@@ -31,7 +35,7 @@ if TYPE_CHECKING:
     from privlm.federated.aggregation import RunningSum
 
 Params = dict[str, torch.Tensor]
-MechanismState = dict[str, float]  # saved as JSON numbers in the resume state
+MechanismState = dict[str, Any]  # numbers and JSON values, or tensors: saved in the resume state
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,23 @@ class Mechanism(Protocol):
         """The privacy mode it implements ("user", "none", "example"): the engine's protocol must match."""
         ...
 
-    def event(self) -> dp_accounting.DpEvent:
-        """What one round costs. It takes no state: an event chosen from data (adaptive clipping's C,
-        say) would need a privacy filter to compose, and the budget check assumes one constant event."""
+    def event(self, round_index: int = 1) -> dp_accounting.DpEvent:
+        """What round ``round_index`` costs. It takes no state: an event chosen from data (adaptive
+        clipping's C, say) would need a privacy filter to compose."""
+        ...
+
+    @property
+    def constant_event(self) -> bool:
+        """Whether every round costs the same event (the budget check then works out once how many fit)."""
+        ...
+
+    def group(self, round_index: int) -> int | None:
+        """The account round ``round_index`` is charged to (None: the whole population's one)."""
+        ...
+
+    def lost_surcharge(self, round_index: int) -> list[tuple[dp_accounting.DpEvent, int | None]]:
+        """Events (and accounts) a lost round costs besides its own entry, which stays counted: none
+        for independent noise; correlated noise released twice for one round costs more."""
         ...
 
     def ledger_clip(self, state: Mapping[str, float]) -> float | None:
@@ -102,7 +120,7 @@ class Mechanism(Protocol):
         """The C this round clips to (None: nothing is clipped)."""
         ...
 
-    def sample(self, rng: np.random.Generator) -> list[int]: ...
+    def sample(self, rng: np.random.Generator, round_index: int = 1) -> list[int]: ...
 
     def preprocess(self, contribution: Contribution, state: Mapping[str, float],
                    reference: Mapping[str, torch.Tensor]) -> Preprocessed | str: ...
@@ -115,3 +133,16 @@ class Mechanism(Protocol):
     def load_state(self, saved: Mapping[str, object]) -> MechanismState:
         """The mechanism's state from a resume file's values; ValueError when it is not this one's."""
         ...
+
+
+class IndependentRounds:
+    """For mechanisms whose rounds draw independent noise: every round costs the same event, in
+    one account, and a lost round's own (still counted) entry is its whole cost."""
+
+    constant_event = True
+
+    def group(self, round_index: int) -> None:
+        return None
+
+    def lost_surcharge(self, round_index: int) -> list[tuple[dp_accounting.DpEvent, int | None]]:
+        return []

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from privlm.federated.aggregation import RunningSum, dp_mean, validate_and_norm
-from privlm.mechanisms.base import Contribution, MechanismState, Params, Preprocessed
+from privlm.mechanisms.base import Contribution, IndependentRounds, MechanismState, Params, Preprocessed
 from privlm.privacy.accountant import round_event
 from privlm.privacy.mechanism import clip_factor
 
@@ -30,7 +30,7 @@ def check_clipped(aggregate: RunningSum, clip_norm: float) -> None:
 
 
 @dataclass(frozen=True)
-class GaussianFedAvg:
+class GaussianFedAvg(IndependentRounds):
     """Fixed-clip Gaussian mechanism on the sum of client updates, Poisson-sampled."""
 
     num_clients: int  # N
@@ -65,7 +65,7 @@ class GaussianFedAvg:
 
     mode = "user"
 
-    def event(self) -> dp_accounting.DpEvent:
+    def event(self, round_index: int = 1) -> dp_accounting.DpEvent:
         return round_event(self.sampling_rate, self.noise_multiplier)
 
     def clip_norm(self, state: Mapping[str, float]) -> float:
@@ -74,7 +74,7 @@ class GaussianFedAvg:
     def ledger_clip(self, state: Mapping[str, float]) -> float | None:
         return self.clip_norm_value
 
-    def sample(self, rng: np.random.Generator) -> list[int]:
+    def sample(self, rng: np.random.Generator, round_index: int = 1) -> list[int]:
         """Poisson(q): each client independently."""
         return np.flatnonzero(rng.random(self.num_clients) < self.sampling_rate).tolist()
 

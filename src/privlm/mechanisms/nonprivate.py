@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from privlm.federated.aggregation import RunningSum, validate_update, validate_weight, weighted_mean
-from privlm.mechanisms.base import Contribution, MechanismState, Params, Preprocessed
+from privlm.mechanisms.base import Contribution, IndependentRounds, MechanismState, Params, Preprocessed
 
 
 @dataclass(frozen=True)
-class NonPrivateFedAvg:
+class NonPrivateFedAvg(IndependentRounds):
     num_clients: int
     clients_per_round: int
 
@@ -40,7 +40,7 @@ class NonPrivateFedAvg:
 
     mode = "none"
 
-    def event(self) -> dp_accounting.DpEvent:
+    def event(self, round_index: int = 1) -> dp_accounting.DpEvent:
         return dp_accounting.NonPrivateDpEvent()
 
     def clip_norm(self, state: Mapping[str, float]) -> None:
@@ -49,7 +49,7 @@ class NonPrivateFedAvg:
     def ledger_clip(self, state: Mapping[str, float]) -> None:
         return None
 
-    def sample(self, rng: np.random.Generator) -> list[int]:
+    def sample(self, rng: np.random.Generator, round_index: int = 1) -> list[int]:
         return sorted(rng.choice(self.num_clients, self.clients_per_round, replace=False).tolist())
 
     def preprocess(self, contribution: Contribution, state: Mapping[str, float],

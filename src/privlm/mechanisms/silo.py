@@ -19,12 +19,12 @@ import torch
 
 from privlm.federated.aggregation import RunningSum
 from privlm.federated.dp_sgd import ExampleDP
-from privlm.mechanisms.base import Contribution, MechanismState, Params, Preprocessed
+from privlm.mechanisms.base import Contribution, IndependentRounds, MechanismState, Params, Preprocessed
 from privlm.mechanisms.nonprivate import NonPrivateFedAvg
 
 
 @dataclass(frozen=True)
-class SiloDPSGD:
+class SiloDPSGD(IndependentRounds):
     """DP-SGD in each silo (``dp``, ``steps`` per round, per-silo ``delta``); the server's plain mean."""
 
     num_clients: int  # silos
@@ -48,7 +48,7 @@ class SiloDPSGD:
     def sampling_rate(self) -> float:
         return self.clients_per_round / self.num_clients
 
-    def event(self) -> dp_accounting.DpEvent:
+    def event(self, round_index: int = 1) -> dp_accounting.DpEvent:
         """One silo's cost for a round of ``steps`` DP-SGD steps."""
         step = dp_accounting.PoissonSampledDpEvent(self.dp.sampling_rate,
                                                    dp_accounting.GaussianDpEvent(self.dp.noise_multiplier))
@@ -67,7 +67,7 @@ class SiloDPSGD:
     def ledger_clip(self, state: Mapping[str, float]) -> None:
         return None
 
-    def sample(self, rng: np.random.Generator) -> list[int]:
+    def sample(self, rng: np.random.Generator, round_index: int = 1) -> list[int]:
         return self.server.sample(rng)
 
     def preprocess(self, contribution: Contribution, state: Mapping[str, float],

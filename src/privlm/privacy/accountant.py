@@ -126,7 +126,13 @@ def epsilon_for(
     events: Iterable[dp_accounting.DpEvent] | Ledger, delta: float, kind: AccountantKind = "pld",
     _interval: float = PLD_DISCRETIZATION,
 ) -> float:
-    """Epsilon at ``delta`` of composing ``events`` (a ledger or any events)."""
+    """Epsilon at ``delta`` of composing ``events`` (a ledger or any events).
+
+    A ledger charged to participation groups (banded MF with cyclic sampling: each user
+    belongs to one group) has one account per group; its epsilon is the largest group's.
+    """
+    if isinstance(events, Ledger) and (groups := events.groups()):
+        return max(epsilon_for(events.for_group(g), delta, kind, _interval) for g in groups)
     events = events.events if isinstance(events, Ledger) else list(events)
     if not events:
         return 0.0

@@ -11,7 +11,8 @@ from privlm.privacy.ledger import Ledger
 WEAK_DELTA = 1e-3
 
 # Files of a run directory computed from clients' data WITHOUT noise: not covered by the
-# guarantee; keep them with the operator. (checkpoints/ and state.safetensors are covered.)
+# guarantee; keep them with the operator. (checkpoints/ and, except for banded MF,
+# state.safetensors are covered.)
 NOT_COVERED = [
     "metrics.jsonl (train_loss, clients, sampled, clipped, rejected, dropped, clip_norm, eval_*)",
     "report.html (its metrics)",
@@ -21,6 +22,11 @@ NOT_COVERED = [
     ".privlm-worker-tokens-*.npy (raw client tokens; exist only while worker processes start, "
     "left behind only by a run killed then, and removed by its resume)",
 ]
+
+# Banded MF's resume state holds the noise itself: with the checkpoints it gives the last rounds'
+# clipped sums without noise.
+BANDED_STATE = ("state.safetensors (banded MF: the last b-1 rounds' noise, which with the checkpoints gives "
+                "those rounds' sums without noise, and which clients took part when)")
 
 _DEFINITION = ("for any two neighbouring datasets D, D' and any set S of outcomes of the released "
                "model checkpoints, P[M(D) in S] <= e^epsilon P[M(D') in S] + delta")
@@ -49,6 +55,25 @@ def _segments_text(ledger: Ledger) -> str | None:
     return "The mechanism changed during the run; per segment of the ledger: " + "; ".join(parts) + "."
 
 
+def _banded_text(mf: dict, z: float | None, clip_norm: float | None, m: int, entries: int, accountant: str) -> str:
+    b = mf["bands"]
+    head = (f"Mechanism: banded matrix factorization (Choquette-Choo et al. 2023) with {b} bands: per-user L2 "
+            f"clipping to C={clip_norm} (norms in float64), noise correlated across rounds, y = C^-1 w with w "
+            f"Gaussian of std {z:.4g}*C per round (drawn in float64 from a CSPRNG-keyed generator) and C the "
+            f"unit-column-norm banded Toeplitz matrix of the ledger's coefficients (optimised for the "
+            f"{mf['workload']} workload of {mf['rounds']} rounds), divided by {m}; ")
+    if mf["sampling"] == "cyclic-poisson":
+        return head + (f"b-min-separation cyclic Poisson sampling: client i is in group sha256(i) mod {b} "
+                       f"(its own id alone), and round t samples each member of group (t-1) mod {b} with "
+                       f"q={mf['group_sampling_rate']:.4g}; each round is charged to its group's account as a "
+                       f"Poisson-sampled Gaussian mechanism and epsilon is the largest group's; {entries} ledger "
+                       f"entries, {accountant.upper()} accounting.")
+    return head + (f"no sampling is assumed: the server admitted each client at most {mf['max_participations']} times "
+                   f"and at least {b} rounds apart (it refused the others), so the released rounds are one "
+                   f"Gaussian mechanism of sensitivity {mf['sensitivity']:.4g}*C for the whole run (the ledger: "
+                   f"each round's increment); {entries} ledger entries, {accountant.upper()} accounting.")
+
+
 def guarantee_record(
     *,
     mode: str,
@@ -68,6 +93,7 @@ def guarantee_record(
     silos: list[dict] | None = None,
     population: str | None = None,
     adaptive_clipping: dict | None = None,
+    matrix_factorization: dict | None = None,
     pseudo_users: int | None = None,
     with_ledger: bool = True,
     runtime: str | None = None,
@@ -100,6 +126,17 @@ def guarantee_record(
             f"and a person with several records is protected only as their records add up "
             f"(group privacy)."
         )
+        if seeded_noise:
+            words += " WARNING: noise was seeded (test mode); this guarantee does NOT hold."
+    elif matrix_factorization:
+        words = (f"User-level ({eps_words}, {delta:.3g})-differential privacy: {_DEFINITION}, where D' adds or "
+                 f"removes all of the data of one client (user) of the population ({population}). "
+                 + _banded_text(matrix_factorization, noise_multiplier, clip_norm, clients_per_round, len(ledger), accountant))
+        if eps is None:
+            words += " Epsilon is pending until the next checkpoint (`privlm epsilon --ledger privacy.json` computes it now)."
+        if ledger.lost:
+            words += (f" {ledger.lost} ledger entries belong to rounds lost to a crash and run again (with what "
+                      "the repeated rows of the strategy matrix cost); they are counted.")
         if seeded_noise:
             words += " WARNING: noise was seeded (test mode); this guarantee does NOT hold."
     else:
@@ -136,10 +173,11 @@ def guarantee_record(
                       " run again; they are counted.")
         if seeded_noise:
             words += " WARNING: noise was seeded (test mode); this guarantee does NOT hold."
+    not_covered = [*NOT_COVERED, BANDED_STATE] if matrix_factorization else NOT_COVERED
     if mode != "none":
-        words += (" Covered: the model checkpoints and the resume state (and anything computed from them"
-                  " alone). Not covered, as computed from clients' data without noise: "
-                  + "; ".join(NOT_COVERED) + ". Keep those with the operator.")
+        covered = "the model checkpoints" + ("" if matrix_factorization else " and the resume state")
+        words += (f" Covered: {covered} (and anything computed from them alone). Not covered, as computed "
+                  "from clients' data without noise: " + "; ".join(not_covered) + ". Keep those with the operator.")
         if weak:
             words += (f" WEAK: delta = {delta:.3g} is above {WEAK_DELTA:g}; with so few units to protect "
                       "this guarantee means little.")
@@ -159,6 +197,7 @@ def guarantee_record(
         "num_clients": num_clients,
         "population": population,
         "adaptive_clipping": adaptive_clipping,
+        **({"matrix_factorization": matrix_factorization} if matrix_factorization else {}),  # (banded MF)
         "clients_per_round": clients_per_round,
         "rounds_completed": rounds_completed,
         "rounds_spent": len(ledger),
@@ -166,9 +205,10 @@ def guarantee_record(
         "budget_epsilon": budget,
         "secure_noise": not seeded_noise,
         "stopped": stopped,
-        "covers": ["checkpoints/*.safetensors", "state.safetensors"] if mode != "none" else [],
+        "covers": ([] if mode == "none" else ["checkpoints/*.safetensors"] if matrix_factorization
+                   else ["checkpoints/*.safetensors", "state.safetensors"]),
         "silos": silos,
-        "not_covered": NOT_COVERED,
+        "not_covered": not_covered,
         "guarantee": words,
         **({"ledger": ledger.to_list()} if with_ledger else {}),  # (else the caller writes Ledger.to_json())
     }

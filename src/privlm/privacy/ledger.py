@@ -5,8 +5,8 @@ with the round they paid for. They are stored as JSON (no pickle): each event
 becomes ``{"class": "PoissonSampledDpEvent", "sampling_probability": ...,
 "event": {"class": "GaussianDpEvent", "noise_multiplier": ...}}``. Loading only
 accepts the event classes privlm writes (an allow-list), so a tampered file
-cannot make us import or call anything else, nor slip in an event such as
-``NoOpDpEvent`` that no privlm mechanism is.
+cannot make us import or call anything else. (``NoOpDpEvent`` is a round of banded
+matrix factorization past the last one that can add to a user's sensitivity.)
 
 Integrity: each entry carries ``digest``, a SHA-256 hash chain over the entries
 so far (:func:`chain_digest`). Loading recomputes the chain and names the first
@@ -36,6 +36,7 @@ _ALLOWED = {
     cls.__name__: cls
     for cls in (
         dp_event.NonPrivateDpEvent,
+        dp_event.NoOpDpEvent,
         dp_event.GaussianDpEvent,
         dp_event.PoissonSampledDpEvent,
         dp_event.SelfComposedDpEvent,
@@ -60,12 +61,19 @@ def chain_digest(previous: str, entry: dict) -> str:
 def check_run_event(event: dp_accounting.DpEvent, mode: str) -> str | None:
     """Why ``event`` cannot be an entry of a privlm run in ``mode``, or None.
 
-    user: ``PoissonSampled(q, Gaussian(z))`` (one DP-FedAvg round); example: that,
-    or it self-composed over a round's DP-SGD steps; none: ``NonPrivate``. Values
-    must be finite and in range (0 < q <= 1, z > 0, steps >= 1).
+    user: ``PoissonSampled(q, Gaussian(z))`` (one DP-FedAvg round, or one participation
+    group's round of amplified banded MF), or, banded MF without sampling, ``Gaussian(z)``
+    or ``NoOp``; example: ``PoissonSampled(q, Gaussian(z))``, or it self-composed over a
+    round's DP-SGD steps; none: ``NonPrivate``. Values must be finite and in range
+    (0 < q <= 1, z > 0, steps >= 1).
     """
     if mode == "none":
         return None if isinstance(event, dp_event.NonPrivateDpEvent) else f"{type(event).__name__} in a non-private run"
+    if mode == "user" and isinstance(event, dp_event.NoOpDpEvent):
+        return None
+    if mode == "user" and isinstance(event, dp_event.GaussianDpEvent):
+        z = event.noise_multiplier
+        return None if _real(z) and z > 0 else f"noise multiplier {z!r} is not a finite number > 0"
     if mode == "example" and isinstance(event, dp_event.SelfComposedDpEvent):
         if not (isinstance(event.count, int) and not isinstance(event.count, bool) and event.count >= 1):
             return f"step count {event.count!r} is not a positive integer"
@@ -128,10 +136,19 @@ def compose_events(events: Iterable[dp_accounting.DpEvent]) -> dp_accounting.DpE
     Run-length encoding makes PLD composition of thousands of identical rounds
     fast (one self-composition instead of thousands of convolutions) and is
     exact: composing ``k`` copies of an event is what
-    ``SelfComposedDpEvent(event, k)`` means.
+    ``SelfComposedDpEvent(event, k)`` means. Two more exact identities (banded MF's
+    ledgers): Gaussian mechanisms compose to one, ``Gaussian(z_1) o ... o Gaussian(z_n) =
+    Gaussian((sum z_i^-2)^-1/2)`` (privacy-loss means and variances add), which comes
+    first; ``NoOp`` events are dropped.
     """
+    events = list(events)
+    gaussians = [e.noise_multiplier for e in events if isinstance(e, dp_event.GaussianDpEvent)]
     runs: list[list] = []
+    if gaussians:
+        runs.append([dp_accounting.GaussianDpEvent(math.fsum(z**-2 for z in gaussians) ** -0.5), 1])
     for e in events:
+        if isinstance(e, (dp_event.GaussianDpEvent, dp_event.NoOpDpEvent)):
+            continue
         if runs and runs[-1][0] == e:
             runs[-1][1] += 1
         else:
@@ -155,11 +172,14 @@ class LedgerEntry:
     lost: bool = False
     silo: str | None = None  # example-level mode: whose records paid (None: the user population)
     clip_norm: float | None = None  # user-level, fixed clipping: the C the round clipped to (for the text)
+    group: int | None = None  # banded MF with cyclic sampling: the participation group charged
 
     def to_dict(self) -> dict:
         d: dict = {"round": self.round, "event": event_to_dict(self.event)}
         if self.silo is not None:
             d["silo"] = self.silo
+        if self.group is not None:
+            d["group"] = self.group
         if self.clip_norm is not None:
             d["clip_norm"] = self.clip_norm
         if self.lost:
@@ -180,11 +200,14 @@ class LedgerEntry:
         clip = data.get("clip_norm")
         if clip is not None and not (_real(clip) and clip > 0):
             raise ValueError(f"ledger entry of round {rnd}: 'clip_norm' must be a number > 0")
-        extra = set(data) - {"round", "event", "lost", "silo", "clip_norm", "digest"}
+        group = data.get("group")
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 0):
+            raise ValueError(f"ledger entry of round {rnd}: 'group' must be an integer >= 0")
+        extra = set(data) - {"round", "event", "lost", "silo", "clip_norm", "group", "digest"}
         if extra:
             raise ValueError(f"ledger entry of round {rnd} has unknown fields {sorted(extra)}")
         return cls(round=rnd, event=event_from_dict(data.get("event")), lost=lost, silo=silo,
-                   clip_norm=None if clip is None else float(clip))
+                   clip_norm=None if clip is None else float(clip), group=group)
 
 
 class Ledger:
@@ -201,7 +224,7 @@ class Ledger:
         self._digests: list[str] = []  # _digests[i]: the chain head after entry i
         self._json: list[str] = []  # entry i as stored (JSON text), kept so a write costs a join
         for e in entries:
-            self.append(e.round, e.event, e.lost, e.silo, e.clip_norm)
+            self.append(e.round, e.event, e.lost, e.silo, e.clip_norm, e.group)
 
     def digest(self, entries: int | None = None) -> str:
         """The chain head after the first ``entries`` entries (all by default)."""
@@ -211,15 +234,18 @@ class Ledger:
         return self._digests[n - 1] if n else GENESIS
 
     def append(self, round_index: int, event: dp_accounting.DpEvent, lost: bool = False,
-               silo: str | None = None, clip_norm: float | None = None) -> LedgerEntry:
+               silo: str | None = None, clip_norm: float | None = None, group: int | None = None) -> LedgerEntry:
         """Add a round's cost. Rounds increase; a round repeats only after a lost entry,
-        or for another silo (example-level mode: one entry per silo per round)."""
+        or for another silo (example-level mode: one entry per silo per round). Entries
+        charged to participation groups are all so charged (one account per group)."""
         if self._entries:
             last = self._entries[-1]
+            if (group is None) != (last.group is None):
+                raise ValueError("a ledger's entries are charged to participation groups all or none")
             other_silo = silo is not None and last.silo is not None and silo != last.silo
             if round_index < last.round or (round_index == last.round and not (last.lost or other_silo)):
                 raise ValueError(f"ledger rounds must increase: got {round_index} after {last.round}")
-        entry = LedgerEntry(round_index, event, lost, silo, clip_norm)
+        entry = LedgerEntry(round_index, event, lost, silo, clip_norm, group)
         d = entry.to_dict()
         self._digests.append(chain_digest(self.digest(), d))
         self._entries.append(entry)
@@ -235,7 +261,8 @@ class Ledger:
         marked = []
         for i, e in enumerate(self._entries):
             if e.round > round_index and not e.lost:
-                self._entries[i] = LedgerEntry(e.round, e.event, lost=True, silo=e.silo, clip_norm=e.clip_norm)
+                self._entries[i] = LedgerEntry(e.round, e.event, lost=True, silo=e.silo, clip_norm=e.clip_norm,
+                                               group=e.group)
                 self._json[i] = json.dumps({**self._entries[i].to_dict(), "digest": self._digests[i]})
                 marked.append(self._entries[i])
         return marked
@@ -254,6 +281,14 @@ class Ledger:
     def for_silo(self, silo: str) -> list[dp_accounting.DpEvent]:
         """The events that silo ``silo``'s records paid (lost ones included)."""
         return [e.event for e in self._entries if e.silo == silo]
+
+    def groups(self) -> list[int]:
+        """The participation groups charged (banded MF with cyclic sampling), in first-seen order."""
+        return list(dict.fromkeys(e.group for e in self._entries if e.group is not None))
+
+    def for_group(self, group: int) -> list[dp_accounting.DpEvent]:
+        """The events charged to participation group ``group`` (lost ones included)."""
+        return [e.event for e in self._entries if e.group == group]
 
     @property
     def lost(self) -> int:
@@ -280,7 +315,8 @@ class Ledger:
         """Runs of entries with the same mechanism: (first round, last round, an entry of the run)."""
         out: list[tuple[int, int, LedgerEntry]] = []
         for e in self._entries:
-            if out and (out[-1][2].event, out[-1][2].clip_norm, out[-1][2].silo) == (e.event, e.clip_norm, e.silo):
+            if out and (out[-1][2].event, out[-1][2].clip_norm, out[-1][2].silo, out[-1][2].group) == \
+                    (e.event, e.clip_norm, e.silo, e.group):
                 out[-1] = (out[-1][0], e.round, out[-1][2])
             else:
                 out.append((e.round, e.round, e))
@@ -303,11 +339,13 @@ class Ledger:
                 raise ValueError(f"{where}: {why}, not an event of a {mode!r} run's mechanism")
             if mode is not None and (entry.silo is not None) != (mode == "example"):
                 raise ValueError(f"{where}: {'no' if mode == 'example' else 'a'} silo in a {mode!r} run's ledger")
+            if mode is not None and entry.group is not None and mode != "user":
+                raise ValueError(f"{where}: a participation group in a {mode!r} run's ledger")
             if "digest" not in item:
                 raise ValueError(f"{where}: no digest (a ledger written before privlm kept a hash chain, or an "
                                  "entry added by hand); privlm will not resume or account it")
             try:
-                ledger.append(entry.round, entry.event, entry.lost, entry.silo, entry.clip_norm)
+                ledger.append(entry.round, entry.event, entry.lost, entry.silo, entry.clip_norm, entry.group)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
             if item.get("digest") != ledger.digest():
