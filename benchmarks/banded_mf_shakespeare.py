@@ -30,7 +30,7 @@ from privlm.config import load_config
 
 COMMON = ["data.source=shakespeare", "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.block_size=64",
           "client.local_steps=5", "client.batch_size=16", "client.optimizer=adam", "client.lr=0.003",
-          "eval.max_clients=400", "privacy.clip_norm=2.0", "output.checkpoint_every=1000", "seed=7"]
+          "eval.max_clients=400", "privacy.clip_norm=2.0", "output.checkpoint_every=1000"]
 
 
 def points(epsilons: list[float], bands: int) -> dict[str, list[str]]:
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--bands", type=int, default=4)
     ap.add_argument("--epsilons", default="2,8")
     ap.add_argument("--only", default=None, help="comma-separated point names to run")
+    ap.add_argument("--seeds", default="7", help="comma-separated seeds (model init, sampling, batches)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result_path = args.out / "banded_mf_shakespeare.json"
@@ -62,7 +63,9 @@ def main() -> None:
     todo = points([float(e) for e in args.epsilons.split(",")], args.bands)
     if args.only:
         todo = {k: v for k, v in todo.items() if k in args.only.split(",")}
-    for name, extra in todo.items():
+    runs = {(name + (f" seed={seed}" if seed != 7 else "") + (f" T={args.rounds}" if args.rounds != 20 else "")):
+            [*extra, f"seed={seed}"] for seed in (int(x) for x in args.seeds.split(",")) for name, extra in todo.items()}
+    for name, extra in runs.items():
         if name in done:
             print(f"[{name}] done before: acc {done[name]['eval_accuracy']:.4f}", flush=True)
             continue
