@@ -25,8 +25,8 @@ from privlm.errors import ConfigError
 from privlm.federated.aggregation import RunningSum
 from privlm.mechanisms import BandedMF, Contribution
 from privlm.privacy import Ledger, epsilon_for
-from privlm.privacy.banded import (optimal_banded_toeplitz, sensitivity_increment, sensitivity_squared,
-                                   sqrt_coefficients, strategy_matrix, workload_error)
+from privlm.privacy.banded import (coefficients_problem, optimal_banded_toeplitz, sensitivity_increment,
+                                   sensitivity_squared, sqrt_coefficients, strategy_matrix, workload_error)
 from privlm.rundir import RunDir
 from safetensors.torch import load_file
 
@@ -372,3 +372,33 @@ def test_secure_noise_crash_pays_the_repeated_row(tmp_path, sampling):
     assert priv["epsilon"] == pytest.approx(epsilon_for(ledger, priv["delta"], "pld"), rel=1e-12)
     clean = Ledger([e for e in ledger if not e.lost])
     assert priv["epsilon"] > epsilon_for(clean, priv["delta"], "pld")
+
+
+@pytest.mark.parametrize("coefficients,match", [
+    ([0.1, 0.99498743710662], "C\\^-1 is unstable"),  # c(x) = 0.1 + 0.995 x: root at |x| = 0.1
+    ([0.8, 0.6000001], "need unit norm"),
+    ([-0.8, 0.6], "c_0 > 0"),
+])
+def test_user_coefficients_must_be_a_stable_unit_strategy(tmp_path, coefficients, match):
+    """Review of #21: an unstable C^-1 made the noise grow as 10^t; a norm off by 1e-9 was let through."""
+    with pytest.raises(ConfigError, match=match) as e:
+        Simulation(load_config(None, _banded("privacy.noise_multiplier=1.0", f"privacy.mechanism.coefficients={coefficients}",
+                                             bands=2)))
+    assert "\n" not in str(e.value) and str(e.value).startswith("privacy.mechanism.coefficients:")
+    c = optimal_banded_toeplitz(40, 4)
+    assert coefficients_problem(list(c)) is None  # (the optimizer's own are stable: |root| > 1)
+
+
+def test_the_cli_names_the_mechanism(tmp_path):
+    """Review of #21: `privlm run` printed "user-level DP-FedAvg, q=m/N" for banded MF."""
+    from typer.testing import CliRunner
+
+    from privlm.cli import app
+
+    args = ["run", "--no-progress", "--out", str(tmp_path / "run")]
+    for o in _banded("privacy.noise_multiplier=1.0", "federation.rounds=2", bands=2):
+        args += ["--set", o]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "privacy: user-level banded MF (2 bands, sampling cyclic-poisson, group q=0.25)" in res.output
+    assert "DP-FedAvg" not in res.output

@@ -28,7 +28,7 @@ from privlm.federated.server_opt import ServerOptimizer
 from privlm.mechanisms import (AdaptiveClipGaussian, AdaptiveClipping, BandedMF, GaussianFedAvg, Mechanism,
                                NonPrivateFedAvg, SiloDPSGD)
 from privlm.models.factory import build_model
-from privlm.privacy.banded import optimal_banded_toeplitz
+from privlm.privacy.banded import coefficients_problem, optimal_banded_toeplitz
 from privlm.privacy.accountant import accounting_problem, calibrate_noise_multiplier, default_delta, epsilon_for
 from privlm.privacy.guarantee import weak_delta_warning
 from privlm.runtime.clients import LocalClients
@@ -138,6 +138,10 @@ def _banded_settings(cfg: RunConfig, num_clients: int) -> BandedMF | None:
         m.coefficients = list(optimal_banded_toeplitz(T, m.bands, workload, s.beta1 if workload == "momentum" else 0.0))
     elif len(m.coefficients) != m.bands:
         raise ConfigError(f"privacy.mechanism.coefficients: {len(m.coefficients)} values for {m.bands} bands")
+    else:
+        problem = coefficients_problem(m.coefficients)
+        if problem is not None:
+            raise ConfigError(f"privacy.mechanism.coefficients: {problem}")
     try:
         return BandedMF(num_clients, cfg.federation.clients_per_round, cfg.privacy.clip_norm, 1.0,
                         tuple(m.coefficients), T, m.sampling, m.max_participations, workload)

@@ -147,9 +147,12 @@ def run(
         console.print(f"privacy: example-level DP-SGD (Opacus) in each of {len(sim.silos)} silos, "
                       f"C={p.clip_norm}, delta={p.delta:.3g}, budget epsilon={p.budget}")
     elif p.mode == "user":
-        console.print(f"privacy: user-level DP-FedAvg, q={sim.algo.sampling_rate:.4g}, "
-                      f"z={p.noise_multiplier:.4g}, C={p.clip_norm}, delta={p.delta:.3g}, "
-                      f"budget epsilon={p.budget}")
+        mf = p.mechanism if p.mechanism is not None and p.mechanism.kind == "banded-mf" else None
+        kind = (f"banded MF ({mf.bands} bands, sampling {mf.sampling}" + (f", group q={sim.algo.sampling_rate:.4g})"
+                if mf.sampling == "cyclic-poisson" else ")")) if mf is not None else \
+            f"DP-FedAvg, q={sim.algo.sampling_rate:.4g}"
+        console.print(f"privacy: user-level {kind}, z={p.noise_multiplier:.4g}, C={p.clip_norm}, "
+                      f"delta={p.delta:.3g}, budget epsilon={p.budget}")
     else:
         console.print("[yellow]privacy: none (plain FedAvg): no guarantee[/]")
     if resume is not None:

@@ -88,7 +88,7 @@ class BandedMF:
         if not self.clip_norm_value > 0:
             raise ValueError(f"clip_norm must be > 0, got {self.clip_norm_value}")
         if b < 1 or not self.coefficients[0] > 0 or not math.isclose(math.fsum(c * c for c in self.coefficients), 1.0,
-                                                                      rel_tol=1e-9):
+                                                                      rel_tol=0.0, abs_tol=1e-12):
             raise ValueError("coefficients must have c_0 > 0 and unit norm")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")

@@ -98,6 +98,22 @@ def optimal_banded_toeplitz(rounds: int, bands: int, workload: str = "prefix", m
     return tuple(float(v) for v in c)
 
 
+def coefficients_problem(coefficients: list[float] | tuple[float, ...]) -> str | None:
+    """Why user-given coefficients cannot be a strategy, or None: they must have ``c_0 > 0``, unit
+    norm (to 1e-12: the accounting assumes columns of norm <= 1) and a stable inverse (every root
+    of ``c(x)`` outside the unit circle; else ``C^-1``, and the noise, grow geometrically)."""
+    c = np.asarray(coefficients, dtype=np.float64)
+    if not (c.size and np.all(np.isfinite(c)) and c[0] > 0):
+        return "need finite values with c_0 > 0"
+    if abs(math.fsum(float(v) * float(v) for v in c) - 1.0) > 1e-12:
+        return f"need unit norm (the sum of squares is {float(np.dot(c, c)):.12g}; divide by its square root)"
+    roots = np.roots(c[::-1]) if np.count_nonzero(c[1:]) else np.array([])
+    if roots.size and np.min(np.abs(roots)) <= 1.0 + 1e-9:
+        return (f"C^-1 is unstable (a root of c(x) has |x| = {np.min(np.abs(roots)):.4g} <= 1): its noise "
+                "would grow without bound")
+    return None
+
+
 def strategy_matrix(coefficients: tuple[float, ...] | np.ndarray, rounds: int) -> np.ndarray:
     """The explicit ``T x T`` matrix C (for tests and comparisons; the mechanism never builds it)."""
     c = np.asarray(coefficients, dtype=np.float64)

@@ -136,7 +136,8 @@ def guarantee_record(
             words += " Epsilon is pending until the next checkpoint (`privlm epsilon --ledger privacy.json` computes it now)."
         if ledger.lost:
             words += (f" {ledger.lost} ledger entries belong to rounds lost to a crash and run again (with what "
-                      "the repeated rows of the strategy matrix cost); they are counted.")
+                      "the repeated rows of the strategy matrix cost); they are counted, paid when the run resumed, "
+                      "after the lost release, so they may take epsilon above a budget.")
         if seeded_noise:
             words += " WARNING: noise was seeded (test mode); this guarantee does NOT hold."
     else:
