@@ -317,6 +317,17 @@ class AuditConfig(_Section):
         return fmt
 
 
+class ReportConfig(_Section):
+    """What ``report.html`` shows besides the metrics and the guarantee."""
+
+    # Sample generations from the final checkpoint, one per prompt. The prompts are public text
+    # (or yours): never taken from clients' data. [] shows none.
+    prompts: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=lambda: ["ROMEO:", "The patient", "Once upon a time"], max_length=10)
+    max_new_tokens: int = Field(80, gt=0, le=1000)
+    temperature: float = Field(0.8, gt=0, le=10, allow_inf_nan=False)
+
+
 class OutputConfig(_Section):
     dir: _OptPath = None  # default: ./runs/<timestamp>
     checkpoint_every: int = _count(10)
@@ -347,6 +358,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     # "simulation": every client in this process (the default). "flower-simulation": the same
     # run on Flower's simulation engine (Ray), one ClientApp per client.
     runtime: Literal["simulation", "flower-simulation"] = "simulation"
