@@ -202,6 +202,7 @@ def test_flower_simulation_engine_equals_the_in_process_run(shared_data, tmp_pat
     assert _flower_processes(tmp_path / "ray") == []
 
 
+@pytest.mark.heavy  # (200 s on 2 loaded cores: `python -m pytest -m heavy`)
 def test_a_model_of_300_mb_travels(shared_data, tmp_path):
     """Parameters well over gRPC's classic 4 MB default and common 256 MB proxy limits: Flower
     streams arrays in chunks, so a 300 MB model goes out to both nodes and comes back."""

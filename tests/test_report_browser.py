@@ -69,3 +69,33 @@ def test_the_report_renders_in_chromium_at_1280px(tmp_path, capsys):
     assert len(images) == 3 and all(ok for _, ok in images), images
     assert errors == [], errors
     assert shot.stat().st_size > 10_000
+
+
+def test_the_sweep_report_renders_in_chromium_at_1280px(tmp_path):
+    """sweep.html with a wide grid (three keys) and long values still fits 1280 px: the table scrolls."""
+    from privlm.sweep import write_outputs
+
+    grid = [("privacy.target_epsilon", ["1", "2", "4", "8", "inf"]), ("privacy.adaptive_clipping", ["false", "true"]),
+            ("client.lr", ["0.001", "0.01"])]
+    rows = []
+    for eps in (1.0, 2.0, 4.0, 8.0, None):
+        for clip in ("false", "true"):
+            for lr in ("0.001", "0.01"):
+                point = {"privacy.target_epsilon": "inf" if eps is None else str(eps),
+                         "privacy.adaptive_clipping": clip, "client.lr": lr}
+                rows.append({"point": point, "run_dir": str(tmp_path / "sw" / f"{eps}-{clip}-{lr}"), "epsilon": eps,
+                             "delta": None if eps is None else 8.5e-5, "eval_accuracy": 0.3 + (eps or 10) / 100,
+                             "eval_loss": 2.0, "rounds": 50, "stopped": None})
+    (tmp_path / "sw").mkdir()
+    write_outputs(rows, grid, tmp_path / "sw")
+    driver = _browser(1280)
+    try:
+        driver.get((tmp_path / "sw" / "sweep.html").as_uri())
+        overflow = driver.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        images = driver.execute_script("return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    finally:
+        driver.quit()
+    assert overflow <= 0, f"sweep.html overflows the 1280 px window by {overflow} px"
+    assert images == [True] and errors == [], (images, errors)

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from privlm.cli import app
 from privlm.errors import ConfigError
+from privlm.report.html import fmt
 from privlm.sweep import parse_grid, points
 
 
@@ -47,3 +48,32 @@ def test_sweep_writes_runs_table_and_plot(shared_data, tmp_path):
     assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
     for r in rows:
         assert Path(r["run_dir"]).resolve().parent == (tmp_path / "sw").resolve()
+
+
+def test_the_sweep_report_compares_the_runs_with_their_setting_and_the_baseline(tmp_path):
+    """sweep.html from rows as sweep() writes them (here over two tiny real runs)."""
+    import re
+
+    from privlm.api import Simulation
+    from privlm.config import load_config
+    from privlm.sweep import write_outputs
+
+    tiny = ["data.source=synthetic-clinic", "data.num_clients=24", "data.scrub.enabled=false", "model.n_layer=1",
+            "model.n_embd=16", "model.n_head=2", "model.block_size=32", "federation.rounds=1",
+            "federation.clients_per_round=6", "client.local_steps=1", "eval.max_clients=4", "report.prompts=[]"]
+    out = tmp_path / "sw"
+    rows = []
+    for point, extra in (({"privacy.target_epsilon": "4"}, ["privacy.target_epsilon=4"]),
+                         ({"privacy.target_epsilon": "inf"}, ["privacy.mode=none"])):
+        res = Simulation(load_config(None, [*tiny, *extra])).run(out / point["privacy.target_epsilon"], progress=False)
+        rows.append({"point": point, "run_dir": str(res.run_dir), "epsilon": res.epsilon, "delta": res.delta,
+                     "eval_accuracy": res.eval_accuracy, "eval_loss": res.eval_loss, "rounds": 1, "stopped": None})
+    write_outputs(rows, [("privacy.target_epsilon", ["4", "inf"])], out)
+    page = (out / "sweep.html").read_text()
+    cells = [re.findall(r"<td>(.*?)</td>", tr) for tr in re.findall(r"<tr><td>.*?</tr>", page)]
+    assert len(cells) == 2
+    private, baseline = cells
+    assert private[:2] == ["4", fmt(rows[0]["epsilon"])] and baseline[1] == "non-private"
+    assert private[6:9] == ["24", "6", "GPT 1 x 16"] and '<a href="4/report.html">' in private[9]
+    assert f"Non-private baseline at the same compute: held-out accuracy {fmt(rows[1]['eval_accuracy'])}" in page
+    assert page.count("data:image/png;base64,") == 1 and "None" not in page

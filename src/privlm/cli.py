@@ -205,7 +205,7 @@ def epsilon(
 
 
 def _ledger_epsilon(path: Path, delta: float | None, kind: str) -> tuple[float, float, dict[str, float]]:
-    from privlm.privacy.accountant import epsilon_for
+    from privlm.privacy.accountant import ledger_epsilon
     from privlm.privacy.ledger import Ledger
     from privlm.rundir import read_json
 
@@ -220,11 +220,8 @@ def _ledger_epsilon(path: Path, delta: float | None, kind: str) -> tuple[float, 
     d = delta if delta is not None else rec.get("delta")
     if d is None:
         raise PrivlmError(f"{path}: no delta recorded; pass --delta")
-    silos = led.silos()
-    if silos:  # example level: each silo's records have their own epsilon
-        per = {s: epsilon_for(led.for_silo(s), d, kind) for s in silos}  # type: ignore[arg-type]
-        return max(per.values()), d, per
-    return epsilon_for(led, d, kind), d, {}  # type: ignore[arg-type]
+    eps, per = ledger_epsilon(led, d, kind)  # type: ignore[arg-type]
+    return eps, d, per
 
 
 def _check_range(name: str, v: float, lo: float, hi: float, inclusive_hi: bool = False) -> None:
@@ -286,6 +283,29 @@ def generate(
         raise PrivlmError(f"--max-new-tokens: {max_new_tokens} is outside [0, 1,000,000]")
     text = generate_text(run_dir, prompt, max_new_tokens, temperature, seed)
     sys.stdout.write(text + "\n")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    out: Annotated[Path, typer.Argument(help="A new directory for the transformers model and its card.")],
+    adapter: Annotated[bool, typer.Option("--adapter", help="LoRA runs: the peft adapter alone, its base named "
+                                          "(default: the base with the adapter merged).")] = False,
+    include_metrics: Annotated[bool, typer.Option(
+        "--include-metrics", help="Put the held-out loss and accuracy in the card (not covered by the guarantee: "
+        "computed from clients' data without noise).")] = False,
+) -> None:
+    """Export a run's latest checkpoint for transformers, with a model card stating its guarantee."""
+    from privlm.export import export_run
+
+    res = export_run(run_dir, out, adapter_only=adapter, include_metrics=include_metrics)
+    what = {"gpt2": "GPT-2 (transformers) with privlm's weights", "merged": "base model with the LoRA adapter merged",
+            "adapter": "peft LoRA adapter"}[res["kind"]]
+    console.print(f"exported the round-{res['round']} checkpoint to [bold]{escape(str(out))}[/]: {what}; "
+                  f"logits match privlm's to {res['max_logit_error']:.1g} (relative)")
+    if res["epsilon"] is not None:
+        console.print(f"model card README.md: epsilon={res['epsilon']:.3f}, delta={res['delta']:.3g} "
+                      "(recomputed from the ledger)")
 
 
 @data_app.command("download")

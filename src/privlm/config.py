@@ -328,6 +328,20 @@ class ReportConfig(_Section):
     temperature: float = Field(0.8, gt=0, le=10, allow_inf_nan=False)
 
 
+class TrackingConfig(_Section):
+    """Experiment tracking: per-round metrics, epsilon and the final guarantee, logged to TensorBoard
+    and/or MLflow (``pip install "privlm[tracking]"``). The metrics are those of metrics.jsonl: computed
+    from clients' data without noise, so not covered by the guarantee, and kept in the run directory
+    unless ``mlflow_tracking_uri`` names a store elsewhere."""
+
+    tensorboard: bool = False  # event files in RUN_DIR/tensorboard (torch.utils.tensorboard)
+    mlflow: bool = False
+    # "" = a SQLite store in the run directory (sqlite:///RUN_DIR/mlflow.db; no server needed);
+    # or any MLflow tracking URI (sqlite:///path.db, http://host:5000, databricks, ...).
+    mlflow_tracking_uri: str = Field("", max_length=2000)
+    mlflow_experiment: str = Field("privlm", min_length=1, max_length=200)
+
+
 class OutputConfig(_Section):
     dir: _OptPath = None  # default: ./runs/<timestamp>
     checkpoint_every: int = _count(10)
@@ -359,6 +373,7 @@ class RunConfig(_Section):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     # "simulation": every client in this process (the default). "flower-simulation": the same
     # run on Flower's simulation engine (Ray), one ClientApp per client.
     runtime: Literal["simulation", "flower-simulation"] = "simulation"

@@ -106,6 +106,78 @@ def write_outputs(rows: list[dict], grid: list[tuple[str, list[str]]], out: Path
                                           str(r["rounds"])]) + " |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     _plot(rows, keys, out / "sweep.png")
+    write_sweep_report(rows, keys, out)
+
+
+def write_sweep_report(rows: list[dict], keys: list[str], out: Path) -> None:
+    """``sweep.html``: the runs side by side (each with its model, rounds, population, cohort and a link
+    to its report.html), the accuracy-vs-epsilon plot, and the non-private baseline."""
+    import base64
+    import html
+
+    from privlm.report.html import fmt
+    from privlm.rundir import atomic_write
+
+    heads = [*keys, "epsilon", "delta", "held-out accuracy", "held-out loss", "rounds", "population",
+             "clients per round", "model", "report"]
+    body = []
+    for r in rows:
+        run_dir = Path(r["run_dir"])
+        info = _run_info(run_dir)
+        try:
+            link = run_dir.resolve().relative_to(out.resolve()).as_posix() + "/report.html"
+        except ValueError:
+            link = (run_dir / "report.html").resolve().as_uri()
+        cells = [*(html.escape(r["point"].get(k, "-")) for k in keys),
+                 "non-private" if r["epsilon"] is None else fmt(r["epsilon"]), fmt(r["delta"]),
+                 fmt(r["eval_accuracy"]), fmt(r["eval_loss"]), fmt(r["rounds"]),
+                 fmt(info.get("num_clients")), fmt(info.get("clients_per_round")), html.escape(info.get("model", "")),
+                 f'<a href="{html.escape(link)}">report</a>']
+        if r.get("stopped"):
+            cells[len(keys) + 4] += " (budget stop)"  # (the rounds column)
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    base = [r for r in rows if r["epsilon"] is None]
+    note = (f"<p>Non-private baseline at the same compute: held-out accuracy {fmt(base[0]['eval_accuracy'])}.</p>"
+            if base else "<p>No non-private baseline in this sweep (add <code>inf</code> to the epsilon grid).</p>")
+    png = base64.b64encode((out / "sweep.png").read_bytes()).decode()
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in heads)
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>privlm sweep report</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;overflow-wrap:anywhere}}
+.scroll{{overflow:auto;border:1px solid #ddd}} table{{border-collapse:collapse;font-size:0.9em}}
+th,td{{padding:3px 8px;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}} th{{background:#fafafa}}
+img{{max-width:100%;height:auto}}</style></head><body>
+<h1>privlm sweep report</h1>
+<p>{len(rows)} runs over {html.escape(", ".join(keys))}. Each epsilon is its run's, recomputed from its ledger
+(user-level unless the run says otherwise in its report); accuracy is next-token accuracy on the held-out text
+of the run's clients (not covered by the guarantee).</p>
+{note}
+<img alt="held-out accuracy against epsilon" src="data:image/png;base64,{png}">
+<div class="scroll"><table><tr>{head}</tr>{"".join(body)}</table></div>
+</body></html>
+"""
+    atomic_write(out / "sweep.html", page.encode())
+
+
+def _run_info(run_dir: Path) -> dict:
+    """Model, population and cohort of a run, from its own files (empty where they cannot be read)."""
+    from privlm.errors import PrivlmError
+    from privlm.rundir import read_json
+
+    info: dict = {}
+    try:
+        p = read_json(run_dir / "privacy.json")
+        if not isinstance(p, dict):
+            return info
+        info.update({k: p.get(k) for k in ("num_clients", "clients_per_round")})
+        cfg = load_config(run_dir / "config.toml")
+        m = cfg.model
+        info["model"] = (f"{m.path} + LoRA r={m.lora.r}" if m.kind == "hf" else
+                         f"LSTM {m.lstm_layers} x {m.lstm_hidden}" if m.kind == "lstm" else
+                         f"GPT {m.n_layer} x {m.n_embd}")
+    except (OSError, ValueError, PrivlmError):
+        pass
+    return info
 
 
 def _plot(rows: list[dict], keys: list[str], path: Path) -> None:

@@ -89,6 +89,12 @@ def _read_ledger(engine: Engine, rd: RunDir) -> Ledger:
         ledger = Ledger.from_list(record.get("ledger"), mode=mode)
     except ValueError as e:
         raise DataError(f"{rd.privacy_path}: corrupt ledger ({e})") from None
+    check_paid(rd, ledger)
+    return ledger
+
+
+def check_paid(rd: RunDir, ledger: Ledger) -> None:
+    """Refuse a ledger that does not extend what ledger-head.json says was paid (or has no head)."""
     head = rd.read_head()
     if head is None and (len(ledger) or rd.state_path.exists()):
         raise DataError(f"{rd.head_path}: missing, but the run has started; refusing to trust "
@@ -99,7 +105,6 @@ def _read_ledger(engine: Engine, rd: RunDir) -> Ledger:
             raise DataError(f"{rd.privacy_path}: its ledger ({len(ledger)} entries) does not extend the "
                             f"{paid} entries paid per {rd.head_path.name}; refusing to under-count "
                             "(an older, edited or replaced privacy.json?)")
-    return ledger
 
 
 def _check_own_files(engine: Engine, rd: RunDir) -> None:

@@ -40,6 +40,7 @@ from privlm.models.factory import to_checkpoint
 from privlm.privacy.mechanism import NoiseSource
 from privlm.rundir import RunDir, default_run_dir
 from privlm.seeds import derived_seed, seed_torch
+from privlm import tracking
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Engine:
             stopped=stopped, population=self.population.description, pseudo_users=self.cfg.data.pseudo_users,
             runtime=self.population.runtime, adaptive_clipping=fields["adaptive_clipping"],
             matrix_factorization=fields.get("matrix_factorization"),
-            silos=self.protocol.silos_record())
+            silos=self.protocol.silos_record(), also_not_covered=tracking.not_covered(self.cfg))
 
     def write_privacy(self, rd: RunDir, rounds_completed: int, exact: bool = True,
                       stopped: str | None = None) -> dict:
@@ -125,13 +126,15 @@ class Engine:
             raise ValueError("this engine has run; build a new one for another run")
         self._ran = True
         rd = RunDir(out or self.cfg.output.dir or default_run_dir())
+        tracking.check_available(self.cfg)
         if not resume:
             rd.check_new()  # before anything is written there
         rd.lock()  # one live run per directory; released by the kernel if we die
         try:
             state, metrics = load_for_resume(self, rd) if resume else self.start(rd)
+            trackers = tracking.Trackers.open(self.cfg, rd.path, resume)  # (a bad store: before any round is paid)
             self.executor.start(rd.path)  # before any round is paid: a worker that cannot start costs no budget
-            return self._loop(rd, state, metrics, progress, stop_when)
+            return self._loop(rd, state, metrics, progress, stop_when, trackers)
         finally:
             self.executor.close()
             rd.unlock()
@@ -191,7 +194,8 @@ class Engine:
                 yield Contribution(f"audit-canary-{k}", update, 1.0, None)
 
     def _loop(self, rd: RunDir, state: dp_fedavg.ServerState, metrics: list[dict], progress: bool,
-              stop_when: Callable[[dict], bool] | None) -> RunResult:
+              stop_when: Callable[[dict], bool] | None, trackers: tracking.Trackers | None = None) -> RunResult:
+        trackers = trackers or tracking.Trackers([])
         c = self.cfg
         if self.privacy.seeded_noise and self.privacy.mode != "none":
             log.warning("privacy.seeded_noise = true: noise is NOT secure; the guarantee does not hold")
@@ -256,6 +260,7 @@ class Engine:
                 fault_point("state-written", r)
                 if eps is not None or not self.protocol.pending_allowed:  # (else: next round's write)
                     self.write_privacy(rd, r, exact=True)
+                trackers.log_round(row)  # (after the round is durable: a re-run round is logged once)
                 if stop_when is not None and stop_when(row):
                     if r % c.output.checkpoint_every and r != c.federation.rounds:
                         self.checkpoint(rd, r, state.params)
@@ -272,6 +277,7 @@ class Engine:
         if completed and (math.isnan(eval_loss) or (metrics and metrics[-1]["eval_loss"] is None)):
             eval_loss, eval_acc = self.executor.evaluate(state.params)
         record = self.write_privacy(rd, completed, stopped=stopped)
+        trackers.finish(record)
         from privlm.report.html import write_report
 
         write_report(rd)

@@ -145,6 +145,16 @@ def epsilon_for(
     return _cached_epsilon(key, delta, kind, _interval)
 
 
+def ledger_epsilon(ledger: Ledger, delta: float, kind: AccountantKind = "pld") -> tuple[float, dict[str, float]]:
+    """(epsilon, per-silo epsilons) of a run's ledger: at example level each silo's records have
+    their own account and the run's epsilon is the largest silo's; otherwise ``epsilon_for``."""
+    silos = ledger.silos()
+    if silos:
+        per = {s: epsilon_for(ledger.for_silo(s), delta, kind) for s in silos}
+        return max(per.values()), per
+    return epsilon_for(ledger, delta, kind), {}
+
+
 @functools.lru_cache(maxsize=64)  # silos running one mechanism ask for the same ledger's epsilon
 def _cached_epsilon(runs: tuple, delta: float, kind: AccountantKind, interval: float) -> float:
     return _compose_epsilon(dp_accounting.ComposedDpEvent(list(runs)), delta, kind, interval)

@@ -97,6 +97,7 @@ def guarantee_record(
     pseudo_users: int | None = None,
     with_ledger: bool = True,
     runtime: str | None = None,
+    also_not_covered: list[str] | None = None,
 ) -> dict:
     """The content of ``privacy.json``.
 
@@ -174,7 +175,7 @@ def guarantee_record(
                       " run again; they are counted.")
         if seeded_noise:
             words += " WARNING: noise was seeded (test mode); this guarantee does NOT hold."
-    not_covered = [*NOT_COVERED, BANDED_STATE] if matrix_factorization else NOT_COVERED
+    not_covered = [*NOT_COVERED, *([BANDED_STATE] if matrix_factorization else []), *(also_not_covered or [])]
     if mode != "none":
         covered = "the model checkpoints" + ("" if matrix_factorization else " and the resume state")
         words += (f" Covered: {covered} (and anything computed from them alone). Not covered, as computed "

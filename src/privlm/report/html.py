@@ -135,7 +135,7 @@ def fmt(value: object) -> str:
     return str(value)
 
 
-def _mechanism(privacy: dict) -> str:
+def mechanism_label(privacy: dict) -> str:
     mode = privacy.get("mode")
     if mode == "none":
         return "none (plain FedAvg): no guarantee"
@@ -150,7 +150,7 @@ def _mechanism(privacy: dict) -> str:
 def _summary(privacy: dict, rows: list[dict]) -> list[tuple[str, str]]:
     last = next((r for r in reversed(rows) if r.get("eval_accuracy") is not None), {})
     seconds = sum(r.get("seconds") or 0.0 for r in rows)
-    out = [("rounds completed", fmt(privacy.get("rounds_completed"))), ("mechanism", _mechanism(privacy))]
+    out = [("rounds completed", fmt(privacy.get("rounds_completed"))), ("mechanism", mechanism_label(privacy))]
     if privacy.get("mode") != "none":
         eps = privacy.get("epsilon")
         out += [("epsilon, delta", f"{fmt(eps) if eps is not None else 'pending'}, {fmt(privacy.get('delta'))}"),
