@@ -49,6 +49,7 @@ def test_a_from_scratch_gpt_loads_in_transformers_and_generates(gpt_run, tmp_pat
     text = "The patient: é ✓"  # (+ 8 new tokens within block_size 32)
     ids = tok(text, return_tensors="pt").input_ids
     assert ids[0].tolist() == list(text.encode("utf-8"))  # byte ids unchanged
+    assert tok.model_max_length == 32  # the model's block_size: longer inputs are the model's limit
     with torch.no_grad():
         theirs = model(input_ids=ids).logits
     torch.testing.assert_close(theirs, _logits_privlm(gpt_run, ids), rtol=1e-5, atol=1e-5)
@@ -81,13 +82,19 @@ def test_metrics_and_audit_only_where_asked_for_and_present(gpt_run, tmp_path):
     audit = {"round": 2, "claimed_epsilon": 1.0, "epsilon_lower_bound": 0.12, "broken": False,
              "membership": {"auc": 0.51}, "canaries": None}
     (run / "audit.json").write_text(json.dumps(audit))
-    export_run(run, tmp_path / "export", include_metrics=True)
+    export_run(run, tmp_path / "plain")  # the audit's figures come from clients' data: not by default
+    assert "privacy_audit" not in card_metadata(tmp_path / "plain")
+    assert "Privacy audit" not in (tmp_path / "plain" / "README.md").read_text()
+    export_run(run, tmp_path / "export", include_metrics=True, include_audit=True)
     meta = card_metadata(tmp_path / "export")
     assert meta["privacy_audit"] == {"round": 2, "claimed_epsilon": 1.0, "epsilon_lower_bound": 0.12,
                                      "broken": False, "membership_auc": 0.51}
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert meta["held_out_metrics"]["eval_accuracy"] == last["eval_accuracy"]
     assert "NOT covered" in (tmp_path / "export" / "README.md").read_text()
+    (run / "audit.json").write_text(json.dumps({**audit, "round": 7}))  # not a checkpoint this run released
+    with pytest.raises(PrivlmError, match="not an audit of a checkpoint of this run"):
+        export_run(run, tmp_path / "stale", include_audit=True)
 
 
 def test_an_edited_epsilon_or_ledger_is_refused_and_nothing_is_written(gpt_run, tmp_path):
@@ -105,6 +112,59 @@ def test_an_edited_epsilon_or_ledger_is_refused_and_nothing_is_written(gpt_run, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no OUT, no partial directory
 
 
+def _copy(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to)
+    return to
+
+
+def test_a_checkpoint_the_ledger_has_not_paid_for_is_refused(gpt_run, tmp_path):
+    import shutil
+
+    run = _copy(gpt_run, tmp_path / "run")
+    shutil.copyfile(run / "checkpoints" / "round-0002.safetensors", run / "checkpoints" / "round-0500.safetensors")
+    with pytest.raises(PrivlmError, match="no ledger entry for round 3, but checkpoint round 500 exists"):
+        export_run(run, tmp_path / "a")
+    run = _copy(gpt_run, tmp_path / "run2")  # no head, the ledger emptied, epsilon 0: a trained model
+    (run / "ledger-head.json").unlink()
+    (run / "state.safetensors").unlink()
+    rec = json.loads((run / "privacy.json").read_text())
+    (run / "privacy.json").write_text(json.dumps({**rec, "ledger": [], "epsilon": 0.0}))
+    with pytest.raises(PrivlmError, match="missing, but checkpoint round 2 exists"):
+        export_run(run, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_edited_fields_of_privacy_json_are_refused(gpt_run, tmp_path):
+    rec = json.loads((gpt_run / "privacy.json").read_text())
+    for edit, match in (({"weak": False}, "weak = False"), ({"secure_noise": False}, "secure_noise"),
+                        ({"unit": "record"}, "unit"), ({"accountant": "rdp"}, "accountant"),
+                        ({"mode": "none"}, "mode 'none' does not match")):
+        run = _copy(gpt_run, tmp_path / f"run-{next(iter(edit))}")
+        (run / "privacy.json").write_text(json.dumps({**rec, **edit}))
+        with pytest.raises(PrivlmError, match=match):
+            export_run(run, tmp_path / "out")
+    run = _copy(gpt_run, tmp_path / "run-delta")  # config.toml holds the resolved delta: it must be the one stated
+    (run / "privacy.json").write_text(json.dumps({**rec, "delta": 0.2}))
+    with pytest.raises(PrivlmError, match="delta 0.2 is not config.toml's"):
+        export_run(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_live_run_is_refused(gpt_run, tmp_path):
+    from privlm.rundir import RunDir
+
+    run = _copy(gpt_run, tmp_path / "run")
+    live = RunDir(run)
+    live.lock()
+    try:
+        with pytest.raises(PrivlmError, match="in use by a live run"):
+            export_run(run, tmp_path / "out")
+    finally:
+        live.unlock()
+
+
 def test_out_must_be_new_and_outside_the_run(gpt_run, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
@@ -113,9 +173,16 @@ def test_out_must_be_new_and_outside_the_run(gpt_run, tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     with pytest.raises(PrivlmError, match="inside the run directory"):
         export_run(gpt_run, gpt_run / "export")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(PrivlmError, match="not an empty directory"):
+        export_run(gpt_run, tmp_path / "link")
+    with pytest.raises(PrivlmError, match="parent directory does not exist"):
+        export_run(gpt_run, tmp_path / "no" / "such")
     (tmp_path / "empty").mkdir()
     export_run(gpt_run, tmp_path / "empty")  # an empty directory is fine
     assert (tmp_path / "empty" / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "full", "link", "target"]  # no partial dirs
 
 
 @pytest.mark.slow

@@ -36,9 +36,11 @@ def test_tensorboard_gets_every_round_and_the_guarantee(tmp_path):
     assert "tensorboard/" in privacy["guarantee"]
 
 
-def test_mlflow_gets_metrics_params_the_guarantee_and_a_resume_continues_the_run(tmp_path):
+def test_mlflow_gets_metrics_params_the_guarantee_and_a_resume_continues_the_run(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # (MLflow's defaults write under the working directory: ./mlruns)
 
     cfg = load_config(None, [*TINY, "tracking.mlflow=true"])
     Simulation(cfg).run(tmp_path / "run", progress=False, stop_when=lambda row: row["round"] == 2)
@@ -79,3 +81,14 @@ def test_tracking_is_off_by_default_and_a_bad_store_is_one_config_error(tmp_path
     with pytest.raises(ConfigError, match="tracking.tensorboard: needs the tensorboard package"):
         Simulation(load_config(None, [*TINY, "tracking.tensorboard=true"])).run(tmp_path / "none", progress=False)
     assert not (tmp_path / "none").exists()
+
+
+def test_a_tracking_uri_s_credentials_never_reach_privacy_json():
+    from privlm.tracking import not_covered, redact
+
+    assert redact("https://bob:s3cret@mlflow.example:5000/api?token=abc") == "https://mlflow.example:5000/api"
+    assert redact("sqlite:////data/mlflow.db") == "sqlite:////data/mlflow.db"
+    cfg = load_config(None, [*TINY, "tracking.mlflow=true",
+                             'tracking.mlflow_tracking_uri="https://bob:s3cret@mlflow.example/?token=abc"'])
+    (entry,) = not_covered(cfg)
+    assert "mlflow.example" in entry and "s3cret" not in entry and "token" not in entry

@@ -294,15 +294,20 @@ def export(
     include_metrics: Annotated[bool, typer.Option(
         "--include-metrics", help="Put the held-out loss and accuracy in the card (not covered by the guarantee: "
         "computed from clients' data without noise).")] = False,
+    include_audit: Annotated[bool, typer.Option(
+        "--include-audit", help="Put privlm audit's figures in the card (not covered by the guarantee: computed "
+        "from clients' data and canaries).")] = False,
 ) -> None:
     """Export a run's latest checkpoint for transformers, with a model card stating its guarantee."""
     from privlm.export import export_run
 
-    res = export_run(run_dir, out, adapter_only=adapter, include_metrics=include_metrics)
+    res = export_run(run_dir, out, adapter_only=adapter, include_metrics=include_metrics,
+                     include_audit=include_audit)
     what = {"gpt2": "GPT-2 (transformers) with privlm's weights", "merged": "base model with the LoRA adapter merged",
             "adapter": "peft LoRA adapter"}[res["kind"]]
-    console.print(f"exported the round-{res['round']} checkpoint to [bold]{escape(str(out))}[/]: {what}; "
-                  f"logits match privlm's to {res['max_logit_error']:.1g} (relative)")
+    check = ("no logit check (an adapter alone computes nothing)" if res["max_logit_error"] is None else
+             f"logits match privlm's to {res['max_logit_error']:.1g} (relative)")
+    console.print(f"exported the round-{res['round']} checkpoint to [bold]{escape(str(out))}[/]: {what}; {check}")
     if res["epsilon"] is not None:
         console.print(f"model card README.md: epsilon={res['epsilon']:.3f}, delta={res['delta']:.3g} "
                       "(recomputed from the ledger)")

@@ -34,40 +34,52 @@ LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 CARD_TAGS = ["privlm", "differential-privacy", "federated-learning", "text-generation"]
 
 
-def verified_privacy(rd) -> dict:
-    """privacy.json, refused unless its ledger extends the paid entries and reproduces its epsilon.
+def verified_privacy(rd, cfg, checkpoint_round: int) -> dict:
+    """privacy.json, refused unless it is consistent with config.toml, its ledger extends the entries
+    paid per ledger-head.json and pays for every round up to the exported checkpoint's, and the
+    ledger reproduces its epsilon. Returns the record with a pending epsilon filled in from the ledger.
 
-    Returns the record with ``epsilon`` filled in from the ledger where it was pending.
+    Read the checkpoint first: a round's entry is durable before its checkpoint is written.
     """
-    from privlm.engine.resume import check_paid
+    from privlm.engine.resume import read_paid_ledger
     from privlm.privacy.accountant import ledger_epsilon
-    from privlm.privacy.ledger import Ledger
+    from privlm.privacy.guarantee import WEAK_DELTA
 
     record = rd.read_privacy()
     if not isinstance(record, dict):
         raise DataError(f"{rd.privacy_path}: not a privacy.json record (a JSON object)")
-    mode = record.get("mode")
-    if mode not in ("user", "example", "none"):
-        raise DataError(f"{rd.privacy_path}: unknown mode {mode!r}")
-    try:
-        ledger = Ledger.from_list(record.get("ledger"), mode=mode)
-    except ValueError as e:
-        raise DataError(f"{rd.privacy_path}: bad ledger ({e})") from None
-    check_paid(rd, ledger)
-    if mode != "none":
-        delta = record.get("delta")
-        if not isinstance(delta, float) or not 0 < delta < 1:
-            raise DataError(f"{rd.privacy_path}: delta {delta!r} is not a number in (0, 1)")
-        accountant = record.get("accountant", "pld")
-        if accountant not in ("pld", "rdp"):
-            raise DataError(f"{rd.privacy_path}: unknown accountant {accountant!r}")
-        eps, _ = ledger_epsilon(ledger, delta, accountant)
-        stated = record.get("epsilon")
-        if stated is None and record.get("epsilon_pending"):
-            record = {**record, "epsilon": eps, "epsilon_pending": False}
-        elif not isinstance(stated, float) or not math.isclose(stated, eps, rel_tol=1e-9, abs_tol=1e-12):
-            raise DataError(f"{rd.privacy_path}: epsilon {stated!r} is not what its ledger gives ({eps!r}); "
-                            "refusing to export an epsilon the ledger cannot reproduce")
+    p, mode = cfg.privacy, record.get("mode")
+    if mode != p.mode:
+        raise DataError(f"{rd.privacy_path}: mode {mode!r} does not match config.toml's {p.mode!r}")
+    ledger = read_paid_ledger(rd, record, mode)
+    if mode == "none":
+        return record
+    if checkpoint_round > 0 and rd.read_head() is None:
+        raise DataError(f"{rd.head_path}: missing, but checkpoint round {checkpoint_round} exists; refusing to "
+                        "state an epsilon the paid ledger cannot confirm")
+    if mode == "user":  # (example level: a silo-round may cost nothing, so rounds need not all have entries)
+        unpaid = next((k for k in range(1, checkpoint_round + 1) if ledger.entry_for(k) is None), None)
+        if unpaid is not None:
+            raise DataError(f"{rd.privacy_path}: no ledger entry for round {unpaid}, but checkpoint round "
+                            f"{checkpoint_round} exists; refusing to under-count")
+    delta, accountant = record.get("delta"), record.get("accountant")
+    if not isinstance(delta, float) or not 0 < delta < 1 or (p.delta is not None and delta != p.delta):
+        raise DataError(f"{rd.privacy_path}: delta {delta!r} is not config.toml's privacy.delta or not in (0, 1)")
+    if accountant != p.accountant:
+        raise DataError(f"{rd.privacy_path}: accountant {accountant!r} is not config.toml's {p.accountant!r}")
+    expected = {"weak": delta > WEAK_DELTA, "secure_noise": not p.seeded_noise,
+                "unit": "record" if mode == "example" else "pseudo-user" if cfg.data.pseudo_users else "user"}
+    for key, value in expected.items():
+        if record.get(key) != value:
+            raise DataError(f"{rd.privacy_path}: {key} = {record.get(key)!r}, but config.toml and delta give "
+                            f"{value!r}; refusing an edited record")
+    eps, _ = ledger_epsilon(ledger, delta, accountant)
+    stated = record.get("epsilon")
+    if stated is None and record.get("epsilon_pending"):
+        return {**record, "epsilon": eps, "epsilon_pending": False}
+    if not isinstance(stated, float) or not math.isclose(stated, eps, rel_tol=1e-9, abs_tol=1e-12):
+        raise DataError(f"{rd.privacy_path}: epsilon {stated!r} is not what its ledger gives ({eps!r}); "
+                        "refusing to export an epsilon the ledger cannot reproduce")
     return record
 
 
@@ -127,7 +139,8 @@ def _check_logits(ours: torch.Tensor, theirs: torch.Tensor, dtype: torch.dtype, 
     return err
 
 
-def export_run(run_dir: Path, out: Path, adapter_only: bool = False, include_metrics: bool = False) -> dict:
+def export_run(run_dir: Path, out: Path, adapter_only: bool = False, include_metrics: bool = False,
+               include_audit: bool = False) -> dict:
     """Write the export to ``out`` (a new or empty directory); returns a summary dict."""
     from privlm.config import load_config
     from privlm.inference import load_run_model
@@ -142,45 +155,60 @@ def export_run(run_dir: Path, out: Path, adapter_only: bool = False, include_met
                           "privlm.inference.load_run_model")
     if adapter_only and kind != "hf":
         raise PrivlmError("export --adapter: only Hugging Face LoRA runs (model.kind = \"hf\") have an adapter")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise PrivlmError(f"{out}: exists and is not an empty directory; choose a new OUT")
+    if not out.parent.is_dir():
+        raise PrivlmError(f"{out}: its parent directory does not exist")
     if out.resolve().is_relative_to(rd.path.resolve()):
         raise PrivlmError(f"{out}: inside the run directory; choose OUT outside it")
-    privacy = verified_privacy(rd)
-    r, model, tok, _ = load_run_model(rd.path)
-    probe_text = next(iter(cfg.report.prompts), "The ") * 4
-    ids = tok.encode(probe_text)[: model.cfg.block_size].unsqueeze(0)  # type: ignore[attr-defined]
-    if ids.numel() == 0:
-        ids = torch.zeros(1, 1, dtype=torch.long)
-    ours = _logits(model, ids, hf=False)
-
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    rd.lock()  # a live run would release newer checkpoints while this one is read: refused
     try:
-        base_name = None
-        if kind == "hf":
-            peft_model = model.peft  # type: ignore[attr-defined]
+        r, model, tok, _ = load_run_model(rd.path)  # (before the ledger, which pays for it first)
+        privacy = verified_privacy(rd, cfg, r)
+        return _write_export(rd, cfg, out, r, model, tok, privacy, adapter_only, include_metrics, include_audit)
+    finally:
+        rd.unlock()
+
+
+PROBE = "The patient said: ROMEO, wherefore art thou? 3 May, 14:05. \u00e9 \u2713 "
+
+
+def _write_export(rd, cfg, out: Path, r: int, model, tok, privacy: dict, adapter_only: bool,
+                  include_metrics: bool, include_audit: bool) -> dict:
+    block = model.cfg.block_size
+    ids = tok.encode(PROBE * (1 + block // 16))[:block].unsqueeze(0)  # a full window of positions
+    ours = _logits(model, ids, hf=False)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.is_symlink() or tmp.is_file():
+        tmp.unlink()
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        base_name, err = None, None
+        if cfg.model.kind == "hf":
+            peft_model = model.peft
             base_name = str(cfg.model.path)
-            dtype = next(peft_model.parameters()).dtype
-            if adapter_only:
+            if adapter_only:  # (no logit check: the adapter alone computes nothing without its base)
                 peft_model.save_pretrained(str(tmp), safe_serialization=True)
-                what, err = "adapter", 0.0
+                what = "adapter"
             else:
                 merged = peft_model.merge_and_unload()
-                err = _check_logits(ours, _logits(merged, ids, hf=True), dtype, "merged model")
+                err = _check_logits(ours, _logits(merged, ids, hf=True), next(merged.parameters()).dtype,
+                                    "merged model")
                 merged.save_pretrained(str(tmp), safe_serialization=True)
                 what = "merged"
-            tok.tok.save_pretrained(str(tmp))  # type: ignore[attr-defined]
+            tok.tok.save_pretrained(str(tmp))
         else:
             hf = _gpt_to_hf(model)
             err = _check_logits(ours, _logits(hf, ids, hf=True), torch.float32, "GPT-2 conversion")
             hf.save_pretrained(str(tmp), safe_serialization=True)
             hf_tok = _byte_tokenizer() if cfg.model.tokenizer is None else _bpe_tokenizer(cfg.model.tokenizer)
+            hf_tok.model_max_length = block
             hf_tok.save_pretrained(str(tmp))
             what = "gpt2"
+        _check_tokenizer(tmp, tok)
         shutil.copyfile(rd.privacy_path, tmp / "privacy.json")
-        card = model_card(rd, cfg, privacy, r, what, base_name, include_metrics)
+        card = model_card(rd, cfg, privacy, r, what, base_name, include_metrics, include_audit)
         card.save(str(tmp / "README.md"))
         if out.exists():
             out.rmdir()
@@ -190,6 +218,16 @@ def export_run(run_dir: Path, out: Path, adapter_only: bool = False, include_met
         raise
     return {"out": str(out), "round": r, "kind": what, "epsilon": privacy.get("epsilon"),
             "delta": privacy.get("delta"), "max_logit_error": err}
+
+
+def _check_tokenizer(directory: Path, tok) -> None:
+    """The exported tokenizer gives privlm's ids (ASCII and not)."""
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(str(directory))
+    for text in (PROBE, "caf\u00e9 \u2713 \u65e5\u672c \U0001f600\r\n"):
+        if exported.encode(text, add_special_tokens=False) != tok.encode(text).tolist():
+            raise PrivlmError("export: the exported tokenizer's ids differ from privlm's; nothing was written")
 
 
 def _bpe_tokenizer(path: Path):
@@ -211,15 +249,16 @@ def _card_privacy(privacy: dict) -> dict:
     return out
 
 
-def _audit(rd) -> dict | None:
+def _audit(rd, round_index: int) -> dict | None:
+    """The audit's figures (computed from clients' data and canaries: not covered), if it ran."""
+    from privlm.engine.resume import check_audit
     from privlm.rundir import read_json
 
     path = rd.path / "audit.json"
     if not path.exists():
         return None
+    check_audit(rd, round_index)  # an audit of a checkpoint this run released
     a = read_json(path)
-    if not isinstance(a, dict):
-        raise DataError(f"{path}: not an audit record (a JSON object)")
     out = {"round": a.get("round"), "claimed_epsilon": a.get("claimed_epsilon"),
            "epsilon_lower_bound": a.get("epsilon_lower_bound"), "broken": a.get("broken")}
     m = a.get("membership") or {}
@@ -232,14 +271,14 @@ def _audit(rd) -> dict | None:
 
 
 def model_card(rd, cfg, privacy: dict, round_index: int, what: str, base_name: str | None,
-               include_metrics: bool):
+               include_metrics: bool, include_audit: bool = False):
     """The Hugging Face model card (``huggingface_hub.ModelCard``): metadata plus a readable guarantee."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from privlm.report.html import fmt
 
     meta = _card_privacy(privacy)
-    audit = _audit(rd)
+    audit = _audit(rd, round_index) if include_audit else None
     extra: dict = {"privacy": meta, "privlm": {"checkpoint_round": round_index, "export": what}}
     if audit is not None:
         extra["privacy_audit"] = audit
@@ -296,8 +335,8 @@ def model_card(rd, cfg, privacy: dict, round_index: int, what: str, base_name: s
     if audit is not None:
         a_rows = "\n".join(f"| {k} | {fmt(v)} |" for k, v in audit.items())
         guarantee += ("\n## Privacy audit\n\n`privlm audit` ran on the round-" + fmt(audit.get("round")) +
-                      " checkpoint (canaries planted in the run; the figures below are aggregates, not covered by "
-                      f"the guarantee):\n\n| | |\n|---|---|\n{a_rows}\n")
+                      " checkpoint. Its figures are computed from clients' data and the run's canaries, so NOT "
+                      f"covered by the guarantee (exported with --include-audit):\n\n| | |\n|---|---|\n{a_rows}\n")
         if audit.get("broken"):
             guarantee += "\n**The audit's lower bound exceeds the claimed epsilon: the implementation is broken.**\n"
     if metrics is not None:

@@ -118,7 +118,7 @@ def write_sweep_report(rows: list[dict], keys: list[str], out: Path) -> None:
     from privlm.report.html import fmt
     from privlm.rundir import atomic_write
 
-    heads = [*keys, "epsilon", "delta", "held-out accuracy", "held-out loss", "rounds", "population",
+    heads = [*keys, "epsilon", "delta", "held-out accuracy", "held-out loss", "rounds", "population size",
              "clients per round", "model", "report"]
     body = []
     for r in rows:

@@ -38,9 +38,23 @@ def not_covered(cfg) -> list[str]:
     if t.tensorboard:
         out.append("tensorboard/ (TensorBoard event files: the per-round metrics)")
     if t.mlflow:
-        where = "mlflow.db" if not t.mlflow_tracking_uri else f"the MLflow store {t.mlflow_tracking_uri}"
+        where = "mlflow.db" if not t.mlflow_tracking_uri else f"the MLflow store {redact(t.mlflow_tracking_uri)}"
         out.append(f"{where} (MLflow: the per-round metrics)")
     return out
+
+
+def redact(uri: str) -> str:
+    """A tracking URI without what may be a secret: user:password@ and the query (?token=...)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<an MLflow URI>"
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
+        return uri
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def check_available(cfg) -> None:
@@ -67,14 +81,15 @@ def _flat(d: dict, prefix: str = "") -> dict[str, str]:
 class _TensorBoard:
     name = "TensorBoard"
 
-    def __init__(self, run_dir: Path, cfg) -> None:
+    def __init__(self, run_dir: Path, cfg, resume: bool) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ConfigError('tracking.tensorboard: needs the tensorboard package (pip install "privlm[tracking]")'
                               ) from None
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.writer.add_text("config", "```toml\n" + cfg.to_toml() + "\n```", 0)
+        if not resume:
+            self.writer.add_text("config", "```toml\n" + cfg.to_toml() + "\n```", 0)
 
     def log_round(self, row: dict) -> None:
         for key, tag in _ROW_KEYS.items():
@@ -99,38 +114,45 @@ class _MLflow:
                               ) from None
         t = cfg.tracking
         uri = t.mlflow_tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        store = redact(t.mlflow_tracking_uri) if t.mlflow_tracking_uri else "the run directory's mlflow.db"
         if t.mlflow_tracking_uri:
             log.warning("tracking.mlflow_tracking_uri = %s: the per-round metrics (not covered by the guarantee) "
-                        "are written there, outside the run directory", t.mlflow_tracking_uri)
+                        "are written there, outside the run directory", store)
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         try:
             self.client = MlflowClient(tracking_uri=uri)
             saved = _read_tracking(run_dir)
-            run_id = saved.get("mlflow_run_id") if resume and saved.get("mlflow_tracking_uri") == uri else None
+            run_id = saved.get("mlflow_run_id") if resume and saved.get("mlflow_store") == store else None
+            if run_id is not None:
+                try:
+                    self.client.update_run(run_id, status="RUNNING")
+                except Exception as e:  # (deleted or purged since): a new MLflow run, not a failed resume
+                    log.warning("tracking: MLflow run %s cannot be continued (%s); starting a new one", run_id,
+                                type(e).__name__)
+                    run_id = None
             if run_id is None:
-                exp = self.client.get_experiment_by_name(t.mlflow_experiment)
-                exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
-                    t.mlflow_experiment, artifact_location=(run_dir / "mlflow-artifacts").resolve().as_uri())
-                run = self.client.create_run(exp_id, run_name=run_dir.name,
-                                             tags={"privlm.run_dir": str(run_dir.resolve())})
-                run_id = run.info.run_id
-                params = _flat(json.loads(json.dumps(cfg.model_dump(mode="json"))))
-                from mlflow.entities import Param
-
-                items = [Param(k, v) for k, v in params.items()]
-                for i in range(0, len(items), 100):  # (MLflow takes 100 params a batch)
-                    self.client.log_batch(run_id, params=items[i:i + 100])
-                _write_tracking(run_dir, {"mlflow_tracking_uri": uri, "mlflow_run_id": run_id})
-            else:
-                self.client.update_run(run_id, status="RUNNING")
-        except ConfigError:
-            raise
+                run_id = self._new_run(run_dir, cfg)
+                _write_tracking(run_dir, {"mlflow_store": store, "mlflow_run_id": run_id})
         except Exception as e:  # mlflow raises many kinds; all mean "no such store"
             first = (str(e).splitlines() or [""])[0][:200]
-            raise ConfigError(f"tracking.mlflow_tracking_uri: cannot use the MLflow store {uri}: "
-                              f"{type(e).__name__}: {first}") from None
+            key = "tracking.mlflow_tracking_uri" if t.mlflow_tracking_uri else "tracking.mlflow"
+            raise ConfigError(f"{key}: cannot use the MLflow store {store}: {type(e).__name__}: {first}") from None
         self.run_id = run_id
+
+    def _new_run(self, run_dir: Path, cfg) -> str:
+        from mlflow.entities import Param
+
+        name = cfg.tracking.mlflow_experiment
+        exp = self.client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
+            name, artifact_location=(run_dir / "mlflow-artifacts").resolve().as_uri())
+        run_id = self.client.create_run(exp_id, run_name=run_dir.name,
+                                        tags={"privlm.run_dir": str(run_dir.resolve())}).info.run_id
+        items = [Param(k, v) for k, v in _flat(cfg.model_dump(mode="json")).items()]
+        for i in range(0, len(items), 100):  # (MLflow takes 100 params a batch)
+            self.client.log_batch(run_id, params=items[i:i + 100])
+        return run_id
 
     def log_round(self, row: dict) -> None:
         from mlflow.entities import Metric
@@ -182,7 +204,7 @@ class Trackers:
         t = cfg.tracking
         trackers: list = []
         if t.tensorboard:
-            trackers.append(_TensorBoard(run_dir, cfg))
+            trackers.append(_TensorBoard(run_dir, cfg, resume))
         if t.mlflow:
             trackers.append(_MLflow(run_dir, cfg, resume))
         return cls(trackers)

@@ -45,7 +45,7 @@ def load_for_resume(engine: Engine, rd: RunDir) -> tuple[dp_fedavg.ServerState, 
         return engine.start(rd, restart=True)
     _check_own_files(engine, rd)
     done, params, opt_state, paid_entries, saved_mech, state_digest = rd.load_state()
-    _check_audit(rd, done)
+    check_audit(rd, done)
     metrics = [m for m in rd.read_metrics() if m["round"] <= done]  # (validated before anything is written)
     mechanism = engine.algo.mechanism
     try:
@@ -85,16 +85,16 @@ def _read_ledger(engine: Engine, rd: RunDir) -> Ledger:
     mode = engine.privacy.mode
     if record.get("mode") != mode:
         raise DataError(f"{rd.privacy_path}: mode {record.get('mode')!r} does not match config.toml's {mode!r}")
+    return read_paid_ledger(rd, record, mode)
+
+
+def read_paid_ledger(rd: RunDir, record: dict, mode: str) -> Ledger:
+    """privacy.json's ledger, refused unless it extends what ledger-head.json says was paid (or
+    the run has not started and there is no head)."""
     try:
         ledger = Ledger.from_list(record.get("ledger"), mode=mode)
     except ValueError as e:
         raise DataError(f"{rd.privacy_path}: corrupt ledger ({e})") from None
-    check_paid(rd, ledger)
-    return ledger
-
-
-def check_paid(rd: RunDir, ledger: Ledger) -> None:
-    """Refuse a ledger that does not extend what ledger-head.json says was paid (or has no head)."""
     head = rd.read_head()
     if head is None and (len(ledger) or rd.state_path.exists()):
         raise DataError(f"{rd.head_path}: missing, but the run has started; refusing to trust "
@@ -105,6 +105,7 @@ def check_paid(rd: RunDir, ledger: Ledger) -> None:
             raise DataError(f"{rd.privacy_path}: its ledger ({len(ledger)} entries) does not extend the "
                             f"{paid} entries paid per {rd.head_path.name}; refusing to under-count "
                             "(an older, edited or replaced privacy.json?)")
+    return ledger
 
 
 def _check_own_files(engine: Engine, rd: RunDir) -> None:
@@ -118,7 +119,7 @@ def _check_own_files(engine: Engine, rd: RunDir) -> None:
                         "with (pass the saved plan: privlm.resume / privlm run --resume load it)")
 
 
-def _check_audit(rd: RunDir, done: int) -> None:
+def check_audit(rd: RunDir, done: int) -> None:
     """An audit.json must be ``privlm audit``'s, of a checkpoint this run released (round <= done)."""
     path = rd.path / "audit.json"
     if not path.exists() and not path.is_symlink():
