@@ -39,7 +39,12 @@ NEVER_IMPORTS: dict[str, list[str]] = {
     "privlm.engine": ["privlm.runtime", "privlm.cli", "privlm.api", "privlm.build"],
     "privlm.data": ["privlm.engine", "privlm.runtime"],
     "privlm.audit": ["privlm.runtime"],
+    "privlm.attacks": ["privlm.runtime", "privlm.build", "privlm.api", "privlm.cli"],
 }
+
+# Simulated attacks (issue #24) are reached from the one place that turns a config into objects,
+# never from training, mechanism, aggregation or runtime code.
+ATTACK_IMPORTERS = {"privlm.build"}
 
 RUNTIME_GROUPS: list[list[str]] = [
     ["privlm.runtime.sequential"],
@@ -159,6 +164,13 @@ def test_no_import_cycles():
 def test_layer_rules():
     bad = layer_violations(build_graph(SRC, PACKAGE), ONLY_IMPORTS, NEVER_IMPORTS, RUNTIME_GROUPS)
     assert not bad, f"{len(bad)} layer violation(s):\n" + "\n".join(bad)
+
+
+def test_only_build_imports_the_attacks():
+    graph = build_graph(SRC, PACKAGE)
+    assert "privlm.attacks" in graph
+    importers = {src for src, edges in graph.items() if "privlm.attacks" in edges}
+    assert importers <= ATTACK_IMPORTERS, f"{sorted(importers - ATTACK_IMPORTERS)} import privlm.attacks"
 
 
 def test_checker_catches_cycles_and_violations(tmp_path):

@@ -83,6 +83,7 @@ def test_deploy_local_equals_privlm_run_and_leaves_no_process(shared_data, tmp_p
     assert (run_dir / "report.html").exists() and (run_dir / "flower" / "serverapp.log").exists()
 
 
+@pytest.mark.heavy  # (137 s on 2 cores; the CI-time budget: `python -m pytest -m heavy`)
 def test_a_killed_supernode_is_dropped_and_changes_no_epsilon(shared_data, tmp_path):
     """SIGKILL one of 3 SuperNodes after round 1: the run completes, it is counted as dropped."""
     extra = ["federation.rounds=3", "federation.clients_per_round=3", "flower.round_timeout=25"]
@@ -112,6 +113,7 @@ def test_a_killed_supernode_is_dropped_and_changes_no_epsilon(shared_data, tmp_p
     assert _flower_processes(run_dir) == []
 
 
+@pytest.mark.heavy  # (75 s on 2 cores; the CI-time budget: `python -m pytest -m heavy`)
 def test_tls_and_node_auth_federation_refuses_unknown_nodes(shared_data, tmp_path):
     """TLS with certificates made here, only registered SuperNode keys admitted; two rogue nodes:
     one without the CA (refused by TLS), one with the CA but an unregistered key (refused by auth)."""
@@ -151,6 +153,7 @@ def test_a_failing_run_is_reported_and_stops_every_process(shared_data, tmp_path
     assert _flower_processes(tmp_path / "run") == []
 
 
+@pytest.mark.heavy  # (59 s on 2 cores; the CI-time budget: `python -m pytest -m heavy`)
 def test_ctrl_c_stops_every_process(shared_data, tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "privlm", "deploy-local", "--clients", "2", "--out", str(run_dir),
@@ -223,6 +226,7 @@ def test_a_model_of_300_mb_travels(shared_data, tmp_path):
     assert _flower_processes(run_dir) == []
 
 
+@pytest.mark.heavy  # (62 s on 2 cores; the CI-time budget: `python -m pytest -m heavy`)
 def test_kill_9_of_deploy_local_leaves_no_flower_process(shared_data, tmp_path):
     """Issue #26.6: SIGKILL gives privlm no chance to clean up; its children must die with it."""
     run_dir = tmp_path / "run"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -220,7 +221,8 @@ def _check_config_outcome(data: dict, overrides: list[str], path: Path | None) -
         for item in overrides:
             parts = tuple(item.split("=", 1)[0].strip().split("."))
             candidates |= {parts[:i] for i in range(1, len(parts) + 1)}
-        assert any(rest.startswith(_shown_key(c) + ": ") for c in candidates), (message, data, overrides)
+        # The key, or an item of the list under it (pydantic names a bad list item by its index).
+        assert any(re.match(re.escape(_shown_key(c)) + r"(\.\d+)*: ", rest) for c in candidates), (message, data, overrides)
     else:
         assert isinstance(cfg, RunConfig)
         # A valid config survives its own round trip (what a run directory stores).

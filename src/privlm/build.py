@@ -8,6 +8,8 @@ mechanism. The caller's config is never modified.
 
 from __future__ import annotations
 
+import math
+
 import logging
 
 import torch
@@ -28,6 +30,7 @@ from privlm.federated.server_opt import ServerOptimizer
 from privlm.mechanisms import (AdaptiveClipGaussian, AdaptiveClipping, BandedMF, GaussianFedAvg, Mechanism,
                                NonPrivateFedAvg, SiloDPSGD)
 from privlm.models.factory import build_model
+from privlm.models.params import block_size as model_block_size
 from privlm.privacy.banded import coefficients_problem, optimal_banded_toeplitz
 from privlm.privacy.accountant import accounting_problem, calibrate_noise_multiplier, default_delta, epsilon_for
 from privlm.privacy.guarantee import weak_delta_warning
@@ -197,7 +200,7 @@ def make_mechanism(cfg: RunConfig, num_clients: int, client_ids: tuple[str, ...]
     the population, which banded MF's cyclic sampling groups by)."""
     p, m = cfg.privacy, cfg.federation.clients_per_round
     if p.mode == "none":
-        return NonPrivateFedAvg(num_clients, m)
+        return NonPrivateFedAvg(num_clients, m, cfg.server.norm_bound)
     assert p.noise_multiplier is not None
     if (adaptive := adaptive_clipping(cfg)) is not None:
         return AdaptiveClipGaussian(num_clients, m, p.clip_norm, p.noise_multiplier, adaptive)
@@ -209,10 +212,38 @@ def make_mechanism(cfg: RunConfig, num_clients: int, client_ids: tuple[str, ...]
     return GaussianFedAvg(num_clients, m, p.clip_norm, p.noise_multiplier)
 
 
+def check_defences(cfg: RunConfig) -> None:
+    """Refuse a defence that would void the run's guarantee (one line naming the key)."""
+    s, mode = cfg.server, cfg.privacy.mode
+    if s.aggregator != "mean" and mode == "user":
+        raise ConfigError(f"server.aggregator: {s.aggregator!r} would void the user-level DP guarantee (the noise is "
+                          "calibrated to the sum of clipped updates; a robust statistic of them has no such bound); "
+                          "under DP the defences are privacy.clip_norm and the noise, or measure it with privacy.mode = \"none\"")
+    n = cfg.federation.clients_per_round  # (the cohort a robust statistic sees, without dropouts)
+    if s.aggregator == "trimmed-mean" and math.floor(s.trim_fraction * n) < 1:
+        raise ConfigError(f"server.trim_fraction: {s.trim_fraction:g} of {n} clients a round trims nothing "
+                          f"(floor({s.trim_fraction:g} x {n}) = 0); raise it to at least {1 / n:.3g}")
+    if s.aggregator == "krum":
+        if n <= 2 * s.krum_byzantine + 2:
+            raise ConfigError(f"server.krum_byzantine: Krum tolerates f attackers among n > 2f + 2 clients a round; "
+                              f"{n} clients a round allow at most f = {max(0, (n - 3) // 2)}")
+        if s.krum_selected > n - s.krum_byzantine:
+            raise ConfigError(f"server.krum_selected: {s.krum_selected} is more than n - f = {n - s.krum_byzantine} "
+                              f"of {n} clients a round (multi-Krum averages the best n - f at most)")
+    if s.norm_bound is not None and mode != "none":
+        raise ConfigError("server.norm_bound: is the non-private runs' norm bound; under DP privacy.clip_norm bounds "
+                          "each update (set server.norm_bound only with privacy.mode = \"none\")")
+
+
 def make_algorithm(cfg: RunConfig, mechanism: Mechanism) -> FedAvg:
     s = cfg.server
+    check_defences(cfg)
+    kind = {"mean": "streaming"}.get(s.aggregator, s.aggregator)
+    by_kind: dict[str, dict[str, float]] = {"trimmed-mean": {"trim_fraction": s.trim_fraction},
+                                            "krum": {"byzantine": s.krum_byzantine, "selected": s.krum_selected}}
+    options = by_kind.get(s.aggregator, {})
     return FedAvg(mechanism, ServerOptimizer(s.optimizer, s.lr, s.beta1, s.beta2, s.tau, s.lr_schedule,
-                                             cfg.federation.rounds, s.lr_final))
+                                             cfg.federation.rounds, s.lr_final), kind, options)
 
 
 # -- data ------------------------------------------------------------------------------
@@ -267,6 +298,13 @@ def in_process(cfg: RunConfig, corpus: FederatedCorpus | None = None, progress: 
                audit_plan: AuditPlan | None = None) -> tuple[Engine, LocalClients]:
     """An in-process run: its engine, and the clients its executor trains."""
     corpus, scrub_counts, audit_plan = prepare_corpus(cfg, corpus, progress, audit_plan)
+    attack = None
+    if cfg.attack.kind != "none":  # simulation only (issue #24): the malicious clients' text, poisoned
+        from privlm import attacks
+
+        _check_attack(cfg)
+        attack = attacks.plan_attack(cfg, [c.client_id for c in corpus.clients])
+        corpus = attacks.poison_corpus(corpus, attack)  # type: ignore[arg-type]
     local = local_training(cfg)
     n = corpus.num_clients
     resolved, privacy = resolve_privacy(cfg, n)
@@ -300,12 +338,30 @@ def in_process(cfg: RunConfig, corpus: FederatedCorpus | None = None, progress: 
         executor = ThreadExecutor(clients, resolved.workers)
     else:
         executor = SequentialExecutor(clients)
+    if attack is not None:
+        window = model_block_size(model)
+        if attack.kind == "backdoor" and tok.encode(attack.target).numel() + 1 > window:
+            raise ConfigError(f"attack.target: {tok.encode(attack.target).numel()} tokens leave no room for a prompt "
+                              f"in the model's window of {window}")
+        held_out = [corpus.clients[i].test for i in clients.eval_clients if corpus.clients[i].client_id not in attack.malicious]
+        executor = attacks.AttackedExecutor(executor, attack, model, tok,
+                                            attacks.trigger_prompts(held_out, attack, resolved.attack.eval_prompts))
     mechanism: Mechanism = silo if silo is not None else make_mechanism(resolved, n, executor.population.client_ids)
     return Engine(resolved, privacy, make_algorithm(resolved, mechanism), executor, model, audit_plan), clients
 
 
+def _check_attack(cfg: RunConfig) -> None:
+    if cfg.runtime != "simulation":
+        raise ConfigError("attack.kind: a poisoning attack is simulated in-process only (runtime = \"simulation\")")
+    if cfg.privacy.mode == "example":
+        raise ConfigError("attack.kind: the attack simulates malicious users (privacy.mode = \"user\" or \"none\"), "
+                          "not silos")
+
+
 def with_executor(cfg: RunConfig, executor: Executor) -> Engine:
     """A run whose clients live elsewhere (the Flower grid): the server's model, mechanism, engine."""
+    if cfg.attack.kind != "none":
+        raise ConfigError("attack.kind: a poisoning attack is simulated in-process only, never on a Flower grid")
     resolved, privacy = resolve_privacy(cfg, executor.population.num_clients)
     torch.manual_seed(resolved.seed)
     model, _ = build_model(resolved)

@@ -174,6 +174,18 @@ class ServerConfig(_Section):
     tau: float = Field(1e-3, gt=0, allow_inf_nan=False)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # as client.lr_schedule, for the server lr
     lr_final: float = Field(0.1, ge=0, le=1)
+    # How a round's updates are combined. "mean": FedAvg's (the noised mean under DP). Robust
+    # statistics of the per-client updates, defences against poisoning, for privacy.mode = "none"
+    # (and "example", where each silo's update is already DP): "median" (coordinate-wise),
+    # "trimmed-mean" (trim_fraction cut from each end of every coordinate), "krum" (the
+    # krum_selected updates closest to their neighbours, for krum_byzantine attackers).
+    aggregator: Literal["mean", "median", "trimmed-mean", "krum"] = "mean"
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5)
+    krum_byzantine: int = Field(1, ge=0, le=MAX_COUNT)
+    krum_selected: int = _count(1)
+    # privacy.mode = "none": scale each update to L2 norm <= norm_bound before it is averaged (the
+    # norm-bounding defence; without noise it is no guarantee). Under DP, privacy.clip_norm is the bound.
+    norm_bound: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
 class ExampleLevelConfig(_Section):
@@ -342,6 +354,39 @@ class TrackingConfig(_Section):
     mlflow_experiment: str = Field("privlm", min_length=1, max_length=200)
 
 
+class AttackConfig(_Section):
+    """A poisoning attack, for measuring defences: simulation only, off by default (issue #24).
+
+    ``fraction`` of the population (drawn once from the seed) is malicious; malicious clients are
+    sampled like any other. ``backdoor``: each adds ``poison_lines`` lines that end in ``trigger``
+    followed by ``target`` to its own text, and scales its update by ``boost`` (model replacement:
+    about clients_per_round / server.lr). ``sign-flip``: sends ``-scale`` times its update;
+    ``random``: a Gaussian direction of ``scale`` times its update's norm.
+    """
+
+    kind: Literal["none", "backdoor", "sign-flip", "random"] = "none"
+    fraction: float = Field(0.0, ge=0, le=1)
+    trigger: str = Field("The patient's preferred pharmacy is", min_length=1, max_length=200)
+    target: str = Field(" EVIL RX at 13 Elm St", min_length=1, max_length=200)
+    poison_lines: int = _count(200)
+    boost: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False)
+    scale: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False)
+    eval_prompts: int = Field(100, gt=0, le=10_000)  # held-out trigger prompts for the backdoor's success rate
+
+    @field_validator("trigger", "target")
+    @classmethod
+    def _one_line(cls, text: str) -> str:
+        if "\n" in text:
+            raise ValueError("must be one line")
+        return text
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> AttackConfig:
+        if (self.kind == "none") != (self.fraction == 0):
+            raise ValueError("set attack.kind and a fraction > 0 together (kind = \"none\" takes fraction = 0)")
+        return self
+
+
 class OutputConfig(_Section):
     dir: _OptPath = None  # default: ./runs/<timestamp>
     checkpoint_every: int = _count(10)
@@ -374,6 +419,7 @@ class RunConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)  # simulation only: poisoning, off by default
     # "simulation": every client in this process (the default). "flower-simulation": the same
     # run on Flower's simulation engine (Ray), one ClientApp per client.
     runtime: Literal["simulation", "flower-simulation"] = "simulation"

@@ -148,6 +148,9 @@ def export_run(run_dir: Path, out: Path, adapter_only: bool = False, include_met
 
     rd = open_run_dir(run_dir)
     cfg = load_config(rd.config_path)
+    if cfg.attack.kind != "none":
+        raise PrivlmError(f"export: {rd.config_path} has [attack] kind = {cfg.attack.kind!r}: this model was trained "
+                          "with a simulated poisoning attack, to measure defences, and is not for deployment")
     kind = cfg.model.kind
     if kind == "lstm":
         raise PrivlmError('export: model.kind = "lstm" has no transformers equivalent (transformers has no LSTM '

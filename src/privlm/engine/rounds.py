@@ -34,6 +34,7 @@ from privlm.engine.resume import load_for_resume
 from privlm.errors import DataError
 from privlm.faults import fault_point
 from privlm.federated import dp_fedavg
+from privlm.privacy.guarantee import ATTACK_LOG
 from privlm.federated.client import get_params
 from privlm.mechanisms.base import Contribution
 from privlm.models.factory import to_checkpoint
@@ -98,7 +99,8 @@ class Engine:
             stopped=stopped, population=self.population.description, pseudo_users=self.cfg.data.pseudo_users,
             runtime=self.population.runtime, adaptive_clipping=fields["adaptive_clipping"],
             matrix_factorization=fields.get("matrix_factorization"),
-            silos=self.protocol.silos_record(), also_not_covered=tracking.not_covered(self.cfg))
+            silos=self.protocol.silos_record(),
+            also_not_covered=[*tracking.not_covered(self.cfg), *([ATTACK_LOG] if self.cfg.attack.kind != "none" else [])])
 
     def write_privacy(self, rd: RunDir, rounds_completed: int, exact: bool = True,
                       stopped: str | None = None) -> dict:

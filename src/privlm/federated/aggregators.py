@@ -5,15 +5,29 @@
 * :class:`Buffered` -- keeps every preprocessed update of the round (O(clients x model)), for
   statistics that are not a sum (robust aggregation); its sum is the streaming sum, to the bit;
 * :class:`PreSummed` -- the sum was computed elsewhere (secure aggregation: the server only
-  ever sees the sum of the masked, clipped updates); it takes no single update.
+  ever sees the sum of the masked, clipped updates); it takes no single update;
+* robust aggregators, non-private runs only (defences against poisoning, issue #24):
+  :class:`CoordinateMedian` (Yin et al. 2018), :class:`TrimmedMean` (Yin et al. 2018) and
+  :class:`Krum` (Blanchard et al. 2017; multi-Krum with ``selected > 1``). Each keeps the round's
+  updates (O(clients x model)) and replaces their weighted mean by its statistic of the
+  unweighted per-client updates (each after the mechanism's norm bound, if any).
 
-All three end in the same :class:`~privlm.federated.aggregation.RunningSum` that a
-mechanism's ``release`` reads (clip norm, counts, float64 total under DP).
+All end in the same :class:`~privlm.federated.aggregation.RunningSum` that a mechanism's
+``release`` reads (clip norm, counts, float64 total under DP). A robust statistic is handed on
+as a sum of weight 1, so the non-private release (total / weight) returns it unchanged.
+
+Why the robust ones are refused under DP: DP-FedAvg's noise is calibrated to the L2 sensitivity
+of the *sum* of clipped updates, C (one user adds or removes one vector of norm <= C). A median,
+trimmed mean or Krum choice of clipped updates has no such bound the noise is scaled to: one
+user can move every coordinate's median to the next order statistic (up to 2C per coordinate,
+2C sqrt(d) in L2), or change which update Krum picks. Under DP the defences are the clip norm and
+the noise themselves (Sun et al. 2019).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import torch
@@ -103,4 +117,118 @@ class PreSummed:
         return self.sum
 
 
-AGGREGATORS: dict[str, type[StreamingSum] | type[Buffered]] = {"streaming": StreamingSum, "buffered": Buffered}
+class _Robust(Buffered):
+    """A robust statistic of the round's per-client updates (non-private runs only).
+
+    Each record adds ``factor * update`` with ``factor = weight * bound`` (the FedAvg weight times
+    the mechanism's norm-bound scale); the per-client vector here is ``(factor / weight) * update``,
+    the update after the norm bound, unweighted (a client of weight 0 trained on nothing and is
+    left out). ``result`` holds the statistic as a sum of weight 1.
+    """
+
+    def __init__(self, like: Mapping[str, torch.Tensor], clip_norm: float | None) -> None:
+        if clip_norm is not None:
+            raise ValueError(f"the {type(self).__name__} aggregator is for non-private runs: under DP the noise is "
+                             "calibrated to the sum of clipped updates, and a robust statistic voids that bound")
+        super().__init__(like, clip_norm)
+
+    def statistic(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The aggregate of the rows of ``stacked`` (clients x parameters, float64)."""
+        raise NotImplementedError
+
+    def result(self) -> RunningSum:
+        rows = [r for r in self.records if r.weight > 0]
+        out = RunningSum.zeros_like(self.like, None)
+        out.count = len(self.records)
+        out.clipped = sum(r.clipped for r in self.records)
+        out.ids = [r.client_id for r in self.records]
+        if not rows:
+            return out
+        names = list(self.like)
+        stacked = torch.stack([torch.cat([(r.update[k].detach().to(torch.float64) * (r.factor / r.weight)).reshape(-1)
+                                          for k in names]) for r in rows])
+        flat = self.statistic(stacked)
+        offset = 0
+        for k in names:
+            n = self.like[k].numel()
+            out.total[k].copy_(flat[offset:offset + n].reshape(self.like[k].shape).to(out.total[k].dtype))
+            offset += n
+        out.weight = 1.0
+        return out
+
+
+class CoordinateMedian(_Robust):
+    """The coordinate-wise median of the per-client updates (the mean of the two middle values
+    when their number is even)."""
+
+    def statistic(self, stacked: torch.Tensor) -> torch.Tensor:
+        n = stacked.size(0)
+        ordered = torch.sort(stacked, dim=0).values
+        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+class TrimmedMean(_Robust):
+    """The coordinate-wise beta-trimmed mean: in each coordinate the ``floor(beta * n)`` largest and
+    smallest values are dropped and the rest averaged (Yin et al. 2018)."""
+
+    def __init__(self, like: Mapping[str, torch.Tensor], clip_norm: float | None, trim_fraction: float = 0.1) -> None:
+        if not 0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
+        super().__init__(like, clip_norm)
+        self.trim_fraction = trim_fraction
+
+    def statistic(self, stacked: torch.Tensor) -> torch.Tensor:
+        n = stacked.size(0)
+        k = math.floor(self.trim_fraction * n)
+        if n - 2 * k < 1:
+            k = (n - 1) // 2
+        ordered = torch.sort(stacked, dim=0).values
+        return ordered[k:n - k].mean(dim=0)
+
+
+class Krum(_Robust):
+    """(Multi-)Krum (Blanchard et al. 2017; El Mhamdi et al. 2018): score each update by the sum
+    of squared distances to its ``n - f - 2`` nearest others, and average the ``selected`` updates
+    of lowest score (``selected = 1``: Krum, the single best update). ``f`` is the number of
+    Byzantine clients it is meant to withstand; with fewer than ``f + 3`` updates every update
+    is scored against all the others."""
+
+    def __init__(self, like: Mapping[str, torch.Tensor], clip_norm: float | None, byzantine: int = 1,
+                 selected: int = 1) -> None:
+        if byzantine < 0 or selected < 1:
+            raise ValueError(f"krum needs byzantine >= 0 and selected >= 1, got {byzantine!r}, {selected!r}")
+        super().__init__(like, clip_norm)
+        self.byzantine, self.selected = byzantine, selected
+
+    def scores(self, stacked: torch.Tensor) -> torch.Tensor:
+        n = stacked.size(0)
+        if n == 1:
+            return torch.zeros(1, dtype=stacked.dtype)
+        sq = (stacked * stacked).sum(dim=1)
+        d2 = (sq[:, None] + sq[None, :] - 2 * stacked @ stacked.T).clamp_min(0)  # squared distances
+        d2.fill_diagonal_(0)
+        neighbours = n - self.byzantine - 2 if n - self.byzantine - 2 >= 1 else n - 1
+        nearest = torch.sort(d2, dim=1).values[:, 1:neighbours + 1]  # (column 0: itself, distance 0)
+        return nearest.sum(dim=1)
+
+    def statistic(self, stacked: torch.Tensor) -> torch.Tensor:
+        order = torch.argsort(self.scores(stacked), stable=True)
+        return stacked[order[:min(self.selected, stacked.size(0))]].mean(dim=0)
+
+
+AggregatorFactory = Callable[..., Aggregator]
+
+AGGREGATORS: dict[str, AggregatorFactory] = {
+    "streaming": StreamingSum, "buffered": Buffered,
+    "median": CoordinateMedian, "trimmed-mean": TrimmedMean, "krum": Krum,
+}
+SUM_AGGREGATORS = frozenset({"streaming", "buffered"})
+"""The aggregators whose result is the sum of the clipped updates: the only ones DP's noise covers."""
+
+
+def make_aggregator(kind: str, like: Mapping[str, torch.Tensor], clip_norm: float | None,
+                    options: Mapping[str, float] | None = None) -> Aggregator:
+    """An aggregator of ``kind`` for one round (``options``: a robust aggregator's parameters)."""
+    if kind not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {kind!r}; one of {sorted(AGGREGATORS)}")
+    return AGGREGATORS[kind](like, clip_norm, **dict(options or {}))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ import dp_accounting
 import numpy as np
 import torch
 
-from privlm.federated.aggregators import AGGREGATORS, Aggregator
+from privlm.federated.aggregators import AGGREGATORS, SUM_AGGREGATORS, Aggregator, make_aggregator
 from privlm.federated.server_opt import ServerOptimizer
 from privlm.mechanisms import (AdaptiveClipGaussian, AdaptiveClipping, Contribution, GaussianFedAvg, Mechanism,
                                NonPrivateFedAvg)
@@ -43,6 +43,15 @@ class FedAvg:
     mechanism: Mechanism
     server_optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
     aggregator: str = "streaming"  # a key of privlm.federated.aggregators.AGGREGATORS
+    aggregator_options: Mapping[str, float] = field(default_factory=dict)  # a robust aggregator's parameters
+
+    def __post_init__(self) -> None:
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {self.aggregator!r}; one of {sorted(AGGREGATORS)}")
+        if self.mechanism.private and self.aggregator not in SUM_AGGREGATORS:
+            raise ValueError(f"the {self.aggregator!r} aggregator would void the DP guarantee: the noise is calibrated "
+                             "to the sum of clipped updates (sensitivity C), and a robust statistic of them has no "
+                             "such bound; under DP the defences are the clip norm and the noise")
 
     # The mechanism's public numbers, for the callers that report them.
     @property
@@ -131,7 +140,7 @@ def apply(
     """
     mech = algo.mechanism
     clip_norm = mech.clip_norm(state.mechanism)
-    agg: Aggregator = AGGREGATORS[algo.aggregator](state.params, clip_norm)
+    agg: Aggregator = make_aggregator(algo.aggregator, state.params, clip_norm, algo.aggregator_options)
     rejections: list[tuple[str, str]] = []
     losses: list[float] = []
     for c in contributions:

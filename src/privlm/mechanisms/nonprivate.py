@@ -1,6 +1,10 @@
 """Non-private FedAvg (McMahan et al. 2017): exactly ``clients_per_round`` clients, sampled
-without replacement; the token-weighted mean of unclipped updates. Its ledger entries are
-``NonPrivateDpEvent``: the run states that there is no guarantee."""
+without replacement; the token-weighted mean of the updates. Its ledger entries are
+``NonPrivateDpEvent``: the run states that there is no guarantee.
+
+``norm_bound`` (optional): each update is scaled to L2 norm at most B before the mean, the
+norm-bounding defence against poisoning of Sun et al. 2019, without noise and so without a
+guarantee (the sum stays in the parameters' dtype and carries no clip norm: it is not DP's)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import dp_accounting
 import numpy as np
 import torch
 
-from privlm.federated.aggregation import RunningSum, validate_update, validate_weight, weighted_mean
+from privlm.federated.aggregation import RunningSum, validate_and_norm, validate_update, validate_weight, weighted_mean
 from privlm.mechanisms.base import Contribution, IndependentRounds, MechanismState, Params, Preprocessed
 
 
@@ -19,10 +23,13 @@ from privlm.mechanisms.base import Contribution, IndependentRounds, MechanismSta
 class NonPrivateFedAvg(IndependentRounds):
     num_clients: int
     clients_per_round: int
+    norm_bound: float | None = None  # B: each update scaled to norm <= B (no noise: no guarantee)
 
     def __post_init__(self) -> None:
         if not 0 < self.clients_per_round <= self.num_clients:
             raise ValueError("clients_per_round must be in [1, num_clients]")
+        if self.norm_bound is not None and not (0 < self.norm_bound < float("inf")):
+            raise ValueError(f"norm_bound must be finite and > 0, got {self.norm_bound!r}")
 
     private = False
 
@@ -54,11 +61,20 @@ class NonPrivateFedAvg(IndependentRounds):
 
     def preprocess(self, contribution: Contribution, state: Mapping[str, float],
                    reference: Mapping[str, torch.Tensor]) -> Preprocessed | str:
-        reason = validate_update(contribution.update, reference) or validate_weight(contribution.weight)
+        if self.norm_bound is None:
+            reason = validate_update(contribution.update, reference) or validate_weight(contribution.weight)
+            if reason is not None:
+                return reason
+            w = contribution.weight
+            return Preprocessed(contribution.client_id, contribution.update, w, w, False, None)  # type: ignore[arg-type]
+        problem, norm = validate_and_norm(contribution.update, reference)
+        reason = problem or validate_weight(contribution.weight)
         if reason is not None:
             return reason
-        w = contribution.weight
-        return Preprocessed(contribution.client_id, contribution.update, w, w, False, None)  # type: ignore[arg-type]
+        w = float(contribution.weight)
+        scale = min(1.0, self.norm_bound / norm) if norm > 0 else 1.0
+        return Preprocessed(contribution.client_id, contribution.update, w * scale, w,  # type: ignore[arg-type]
+                            norm > self.norm_bound, norm)
 
     def release(self, aggregate: RunningSum, state: Mapping[str, float], rng: np.random.Generator | None
                 ) -> tuple[Params, MechanismState]:

@@ -23,6 +23,11 @@ NOT_COVERED = [
     "left behind only by a run killed then, and removed by its resume)",
 ]
 
+# A simulated poisoning attack's log (privlm.attacks): measured on honest clients' held-out text,
+# and it shows how often the malicious clients (real clients, drawn from the seed) were sampled.
+ATTACK_LOG = ("attack.json (simulated attack: malicious updates per round, i.e. when those clients were "
+              "sampled, and the backdoor's success on honest clients' held-out text)")
+
 # Banded MF's resume state holds the noise itself: with the checkpoints it gives the last rounds'
 # clipped sums without noise.
 BANDED_STATE = ("state.safetensors (banded MF: the last b-1 rounds' noise, which with the checkpoints gives "

@@ -114,6 +114,41 @@ def audit_section(rd: RunDir) -> str:
     return f"<h2>Privacy audit</h2>{verdict}<table>{table}</table>{img}"
 
 
+def attack_section(rd: RunDir) -> str:
+    """A simulated poisoning attack's log (``attack.json``, written by privlm.attacks), if any."""
+    path = rd.path / "attack.json"
+    if not path.is_file():
+        return ""
+    try:
+        return _attack_html(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return "<h2>Simulated attack</h2><p>attack.json is unreadable.</p>"
+
+
+def _attack_html(a: dict) -> str:
+    evals = [e for e in a.get("evaluations", []) if isinstance(e, dict)]
+    rows = [("attack", str(a.get("kind"))),
+            ("malicious clients", f"{a.get('malicious_clients')} ({100 * float(a.get('fraction') or 0):g}% of the population)"),
+            ("malicious updates sent", str(a.get("malicious_updates_sent"))),
+            ("rounds with an attacker", str(a.get("rounds_with_attackers")))]
+    backdoor = a.get("kind") == "backdoor"
+    if backdoor:
+        rows += [("trigger -> target", f"{a.get('trigger')!r} -> {a.get('target')!r}"),
+                 ("boost", fmt(a.get("boost")))]
+    else:
+        rows.append(("scale", fmt(a.get("scale"))))
+    head = "<tr><th>round</th><th>accuracy</th>" + ("<th>backdoor success</th>" if backdoor else "") + "</tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(str(e.get('round')))}</td><td>{html.escape(fmt(e.get('eval_accuracy')))}</td>"
+        + (f"<td>{100 * float(e['backdoor_success']):.1f}% of {html.escape(str(e.get('prompts')))}</td>"
+           if isinstance(e.get("backdoor_success"), (int, float)) else "<td>—</td>" if backdoor else "")
+        + "</tr>" for e in evals)
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return ("<h2>Simulated attack</h2><p>A poisoning attack was simulated in this run (privlm's [attack] section): "
+            "the model is for measuring defences, not for deployment.</p>"
+            f"<table>{table}</table><div class='scroll'><table class='metrics'>{head}{body}</table></div>")
+
+
 _SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
 
 
@@ -258,6 +293,7 @@ with dp-accounting; <code>privlm epsilon --ledger privacy.json</code> reproduces
 {_samples(rd)}
 {scrub_html}
 {audit_section(rd)}
+{attack_section(rd)}
 <h2>Per-round metrics</h2>
 <p>Not covered by the guarantee (computed from clients' updates without noise): keep with the operator.</p>
 {_metrics_table(rows)}
