@@ -50,6 +50,7 @@ RUNTIME_GROUPS: list[list[str]] = [
     ["privlm.runtime.sequential"],
     ["privlm.runtime.threads"],
     ["privlm.runtime.processes", "privlm.runtime.workers"],  # (the process executor and its worker side)
+    ["privlm.runtime.batched"],
     ["privlm.runtime.flower"],  # the whole subpackage is one runtime
 ]
 

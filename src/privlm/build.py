@@ -34,6 +34,7 @@ from privlm.models.params import block_size as model_block_size
 from privlm.privacy.banded import coefficients_problem, optimal_banded_toeplitz
 from privlm.privacy.accountant import accounting_problem, calibrate_noise_multiplier, default_delta, epsilon_for
 from privlm.privacy.guarantee import weak_delta_warning
+from privlm.runtime.batched import BatchedExecutor, check_batched
 from privlm.runtime.clients import LocalClients
 from privlm.runtime.processes import ProcessExecutor
 from privlm.runtime.sequential import SequentialExecutor
@@ -312,6 +313,8 @@ def in_process(cfg: RunConfig, corpus: FederatedCorpus | None = None, progress: 
     if example and cfg.model.kind == "lstm":
         raise ConfigError('model.kind: "lstm" under example-level DP-SGD needs Opacus\'s DPLSTM, not wired yet; '
                           'use model.kind = "transformer" or privacy.mode = "user"')
+    if cfg.worker_kind == "batched":
+        check_batched(cfg)  # (before a model is built)
     if example and cfg.workers > 1:
         raise ConfigError("workers: example-level silos (DP-SGD with Opacus) train one at a time; "
                           "set workers = 1")
@@ -328,7 +331,9 @@ def in_process(cfg: RunConfig, corpus: FederatedCorpus | None = None, progress: 
     population = _in_process_population(resolved, corpus, scrub_counts)
     clients = LocalClients(resolved, corpus, model, tok, device, local, population, silo)
     executor: Executor
-    if resolved.workers > 1 and resolved.worker_kind == "process":
+    if resolved.worker_kind == "batched":  # (K = workers clients per batch, 1 included)
+        executor = BatchedExecutor(clients, resolved.workers)
+    elif resolved.workers > 1 and resolved.worker_kind == "process":
         executor = ProcessExecutor(clients, resolved.workers)
     elif resolved.workers > 1:
         if device.type == "cpu":

@@ -432,9 +432,11 @@ class RunConfig(_Section):
     # workers = 1). worker_kind "thread": in threads of this process (with dropout, not
     # bit-reproducible; on the CPU torch then uses cpus // workers threads per operation);
     # "process": in spawned processes, CPU only, which also use the cores on small clients
-    # whose work holds the GIL. User-level and non-private runs only.
+    # whose work holds the GIL; "batched": the clients' local steps as one vmapped computation
+    # on one model (for a GPU; from-scratch GPT without dropout; equal to workers = 1 up to float
+    # rounding). User-level and non-private runs only.
     workers: int = Field(1, gt=0, le=256)
-    worker_kind: Literal["thread", "process"] = "thread"
+    worker_kind: Literal["thread", "process", "batched"] = "thread"
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))

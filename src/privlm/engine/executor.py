@@ -2,9 +2,11 @@
 
 An executor knows the population and runs local training; the engine owns everything else
 (the budget, the ledger, sampling, aggregation, noise, release). Executors: sequential,
-threads and worker processes in this process's machine (``privlm.runtime``), and the Flower
-grid (``privlm.runtime.flower``). Every in-process executor yields the sequential stream to the
-bit: the same contributions in the order of ``ids`` (tests/test_executors.py); a remote one may
+threads, worker processes and batched (vmapped) clients in this process's machine
+(``privlm.runtime``), and the Flower grid (``privlm.runtime.flower``). Every in-process executor
+yields the sequential stream, the same contributions in the order of ``ids``: to the bit
+(tests/test_executors.py), the batched one within float32 rounding
+(tests/test_batched_executor.py); a remote one may
 yield in arrival order (then ``deterministic`` is False) and yields a :class:`Dropout` for a
 client that never answered.
 """

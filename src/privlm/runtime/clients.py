@@ -1,6 +1,6 @@
 """The clients of an in-process run, as every in-process executor trains them.
 
-Shared by the sequential, thread and process executors (none of which imports another):
+Shared by the sequential, thread, process and batched executors (none of which imports another):
 the model on its device, each client's tokens, the evaluation clients, local-training
 settings, and -- in example-level mode -- each silo's record windows for DP-SGD.
 """
@@ -76,6 +76,19 @@ class LocalClients:
     def evaluate(self, params) -> tuple[float, float]:
         loss, acc, _ = evaluate(self.model, params, self.eval_tokens, self.cfg.eval.batch_size)
         return loss, acc
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether training draws dropout masks: an ``nn.Dropout`` with p > 0, or a Hugging Face
+    config with a positive ``*dropout*`` rate (attention dropout is often functional)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return True
+        hf = getattr(m, "config", None)
+        if hasattr(hf, "to_dict") and any("dropout" in k and isinstance(v, float) and v > 0
+                                          for k, v in hf.to_dict().items()):
+            return True
+    return False
 
 
 class LocalExecutor:

@@ -19,23 +19,10 @@ import torch
 
 from privlm.engine.executor import Reply, ServerView
 from privlm.federated.client import local_train
-from privlm.runtime.clients import LocalClients, LocalExecutor, user_contribution
+from privlm.runtime.clients import LocalClients, LocalExecutor, has_dropout, user_contribution
 from privlm.runtime.training import client_generator, local_training
 
 log = logging.getLogger(__name__)
-
-
-def has_dropout(model: torch.nn.Module) -> bool:
-    """Whether training draws dropout masks: an ``nn.Dropout`` with p > 0, or a Hugging Face
-    config with a positive ``*dropout*`` rate (attention dropout is often functional)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout) and m.p > 0:
-            return True
-        hf = getattr(m, "config", None)
-        if hasattr(hf, "to_dict") and any("dropout" in k and isinstance(v, float) and v > 0
-                                          for k, v in hf.to_dict().items()):
-            return True
-    return False
 
 
 class ThreadExecutor(LocalExecutor):
