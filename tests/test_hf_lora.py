@@ -52,7 +52,7 @@ def _tiny(kind: str, tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", pytest.param("llama", marks=pytest.mark.heavy)])  # (llama: CI time)
 def tiny_model(request, tmp_path_factory, tokenizer_dir) -> Path:
     return _tiny(request.param, tokenizer_dir, tmp_path_factory.mktemp(request.param))
 

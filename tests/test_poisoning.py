@@ -266,7 +266,7 @@ def test_the_attack_leaves_the_honest_clients_stream_unchanged():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["aggregated:3", "state-written:3"])
+@pytest.mark.parametrize("point", ["state-written:3"])
 def test_a_killed_attacked_run_resumes_with_every_rounds_attack_counted_once(tmp_path, point):
     """attack.json is written every round, keyed by round: a crash neither loses a round's
     malicious updates (the log used to be written only at evaluations) nor counts one twice."""

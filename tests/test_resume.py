@@ -122,6 +122,7 @@ def test_secure_noise_crash_never_lets_the_budget_be_exceeded(tmp_path):
     assert priv["epsilon"] <= budget and priv["rounds_spent"] == ROUNDS
 
 
+@pytest.mark.heavy  # (56 s on 2 cores; every crash point of a round is in the tests above)
 def test_chaos_short(tmp_path):
     """The CI version of tools/chaos.py: 4 random kills, resumed, bitwise equal at the end."""
     cfg = json.loads(json.dumps(chaos.CONFIG))  # 24 rounds: slack for 4 progress-triggered kills
