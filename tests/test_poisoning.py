@@ -297,3 +297,21 @@ def test_a_killed_attacked_run_resumes_with_every_rounds_attack_counted_once(tmp
     for k in ("malicious_updates_per_round", "malicious_updates_sent", "rounds_with_attackers"):
         assert got[k] == ref[k], k
     assert [e["round"] for e in got["evaluations"]] == [2, 4, 5]
+
+
+def test_a_refused_defence_or_attack_stops_before_the_corpus_is_read(tmp_path, monkeypatch):
+    """The config-only checks run first: a refused setting costs no corpus generation or scrubbing."""
+    def never(*args, **kwargs):
+        raise AssertionError("the corpus was prepared before the config was checked")
+
+    monkeypatch.setattr(build, "prepare_corpus", never)
+    for sections, key in (({"server": {"aggregator": "median"}, "privacy": {"mode": "user", "noise_multiplier": 1.0}},
+                           "server.aggregator"),
+                          ({"server": {"aggregator": "krum", "krum_byzantine": 2}}, "server.krum_byzantine"),
+                          ({"attack": {"kind": "sign-flip", "fraction": 0.1}, "runtime": "flower-simulation"},
+                           "attack.kind")):
+        cfg = _tiny(tmp_path, **{k: v for k, v in sections.items() if k != "runtime"})
+        if "runtime" in sections:
+            cfg = cfg.model_copy(update={"runtime": sections["runtime"]})
+        with pytest.raises(ConfigError, match=f"^{key}: "):
+            build.in_process(cfg)

@@ -298,12 +298,16 @@ def _in_process_population(cfg: RunConfig, corpus: FederatedCorpus, scrub_counts
 def in_process(cfg: RunConfig, corpus: FederatedCorpus | None = None, progress: bool = False,
                audit_plan: AuditPlan | None = None) -> tuple[Engine, LocalClients]:
     """An in-process run: its engine, and the clients its executor trains."""
+    check_defences(cfg)  # (the checks of the config alone, before the corpus is read and scrubbed)
+    if cfg.attack.kind != "none":
+        _check_attack(cfg)
+    if cfg.worker_kind == "batched":
+        check_batched(cfg)
     corpus, scrub_counts, audit_plan = prepare_corpus(cfg, corpus, progress, audit_plan)
     attack = None
     if cfg.attack.kind != "none":  # simulation only (issue #24): the malicious clients' text, poisoned
         from privlm import attacks
 
-        _check_attack(cfg)
         attack = attacks.plan_attack(cfg, [c.client_id for c in corpus.clients])
         corpus = attacks.poison_corpus(corpus, attack)  # type: ignore[arg-type]
     local = local_training(cfg)
@@ -313,8 +317,6 @@ def in_process(cfg: RunConfig, corpus: FederatedCorpus | None = None, progress: 
     if example and cfg.model.kind == "lstm":
         raise ConfigError('model.kind: "lstm" under example-level DP-SGD needs Opacus\'s DPLSTM, not wired yet; '
                           'use model.kind = "transformer" or privacy.mode = "user"')
-    if cfg.worker_kind == "batched":
-        check_batched(cfg)  # (before a model is built)
     if example and cfg.workers > 1:
         raise ConfigError("workers: example-level silos (DP-SGD with Opacus) train one at a time; "
                           "set workers = 1")
@@ -367,6 +369,7 @@ def with_executor(cfg: RunConfig, executor: Executor) -> Engine:
     """A run whose clients live elsewhere (the Flower grid): the server's model, mechanism, engine."""
     if cfg.attack.kind != "none":
         raise ConfigError("attack.kind: a poisoning attack is simulated in-process only, never on a Flower grid")
+    check_defences(cfg)
     resolved, privacy = resolve_privacy(cfg, executor.population.num_clients)
     torch.manual_seed(resolved.seed)
     model, _ = build_model(resolved)
