@@ -82,8 +82,9 @@ def warm_start(args) -> dict[str, torch.Tensor]:
     cfg = load_config(None, [*common(args), "seed=1000", "privacy.mode=none", f"federation.rounds={args.warm_rounds}",
                              "eval.every=10"])
     t0 = time.time()
-    res = Simulation(cfg).run(Path(tempfile.mkdtemp()) / "warm", progress=False)
-    _, tensors = open_run_dir(res.run_dir).latest_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="privlm-poisoning-") as scratch:  # (the run dir goes with it)
+        res = Simulation(cfg).run(Path(scratch) / "warm", progress=False)
+        _, tensors = open_run_dir(res.run_dir).latest_checkpoint()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     print(json.dumps({"warm_start": {"rounds": args.warm_rounds, "eval_accuracy": res.eval_accuracy,
                                      "seconds": round(time.time() - t0, 1)}}), flush=True)
@@ -95,29 +96,30 @@ def run_cell(kind: str, fraction: float, defence: str, warm: dict, args) -> dict
                              f"eval.every={args.rounds}", *defence_settings(defence, args),
                              *attack_settings(kind, fraction, args)])
     t0 = time.time()
-    sim = Simulation(cfg)
-    model = sim.engine.model
-    set_params(model, from_checkpoint(model, warm))
-    res = sim.run(Path(tempfile.mkdtemp()) / "run", progress=False)
-    priv = json.loads((res.run_dir / "privacy.json").read_text())
-    if fraction:
-        log = json.loads((res.run_dir / "attack.json").read_text())
-        last = log["evaluations"][-1]  # (sign-flip: no backdoor to measure)
-        success, prompts = last.get("backdoor_success"), last.get("prompts")
-        malicious, sent = log["malicious_clients"], log["malicious_updates_sent"]
-    else:  # no attacker: how often the clean model completes the trigger with the target, on the
-        # very prompts of the 10% backdoor cell (its attackers' held-out lines left out, as there)
-        attacked = load_config(None, [f"seed={args.seed}", *attack_settings("backdoor", FRACTIONS[-1], args)])
-        corpus = sim.clients.corpus
-        attack = attacks.plan_attack(attacked, [c.client_id for c in corpus.clients])
-        assert attack is not None
-        held = [corpus.clients[i].test for i in sim.clients.eval_clients
-                if corpus.clients[i].client_id not in attack.malicious]
-        prompt_list = attacks.trigger_prompts(held, attack, attack.settings.eval_prompts)
-        _, tensors = open_run_dir(res.run_dir).latest_checkpoint()
-        success = attacks.backdoor_success(model, from_checkpoint(model, tensors), sim.clients.tokenizer,
-                                           prompt_list, attack.target)
-        prompts, malicious, sent = len(prompt_list), 0, 0
+    with tempfile.TemporaryDirectory(prefix="privlm-poisoning-") as scratch:  # (the run dir goes with it)
+        sim = Simulation(cfg)
+        model = sim.engine.model
+        set_params(model, from_checkpoint(model, warm))
+        res = sim.run(Path(scratch) / "run", progress=False)
+        priv = json.loads((res.run_dir / "privacy.json").read_text())
+        if fraction:
+            log = json.loads((res.run_dir / "attack.json").read_text())
+            last = log["evaluations"][-1]  # (sign-flip: no backdoor to measure)
+            success, prompts = last.get("backdoor_success"), last.get("prompts")
+            malicious, sent = log["malicious_clients"], log["malicious_updates_sent"]
+        else:  # no attacker: how often the clean model completes the trigger with the target, on the
+            # very prompts of the 10% backdoor cell (its attackers' held-out lines left out, as there)
+            attacked = load_config(None, [f"seed={args.seed}", *attack_settings("backdoor", FRACTIONS[-1], args)])
+            corpus = sim.clients.corpus
+            attack = attacks.plan_attack(attacked, [c.client_id for c in corpus.clients])
+            assert attack is not None
+            held = [corpus.clients[i].test for i in sim.clients.eval_clients
+                    if corpus.clients[i].client_id not in attack.malicious]
+            prompt_list = attacks.trigger_prompts(held, attack, attack.settings.eval_prompts)
+            _, tensors = open_run_dir(res.run_dir).latest_checkpoint()
+            success = attacks.backdoor_success(model, from_checkpoint(model, tensors), sim.clients.tokenizer,
+                                               prompt_list, attack.target)
+            prompts, malicious, sent = len(prompt_list), 0, 0
     return {
         "attack": kind if fraction else None, "fraction": fraction, "defence": defence,
         "malicious_clients": malicious, "malicious_updates_sent": sent, "rounds": res.rounds_completed,
