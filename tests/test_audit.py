@@ -140,7 +140,7 @@ def test_resume_refuses_other_canaries_than_the_run_trained_with(tmp_path):
     cfg = load_config(None, ["data.num_clients=20", "federation.rounds=2", "federation.clients_per_round=5",
                              "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "client.local_steps=1",
                              "audit.canaries=4", "audit.update_canaries=4", "eval.max_clients=2",
-                             "data.scrub.enabled=false"])
+                             "data.scrub.enabled=false", "privacy.noise_multiplier=1.0"])  # (no calibration: 23 s)
     res = Simulation(cfg).run(tmp_path / "run", progress=False)
     with pytest.raises(DataError, match="audit canaries differ from the ones this run trained with"):
         Simulation(cfg).run(res.run_dir, progress=False, resume=True)  # a freshly drawn plan

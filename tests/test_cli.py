@@ -65,7 +65,8 @@ def test_run_eval_generate(shared_data, tmp_path):
                 "--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2",
                 "--set", "model.block_size=32", "--set", "federation.rounds=2",
                 "--set", "federation.clients_per_round=10", "--set", "client.local_steps=2",
-                "--set", "eval.max_clients=20"])
+                "--set", "eval.max_clients=20",
+                "--set", "privacy.noise_multiplier=1.0"])  # (calibration is tested in test_calibrate_command)
     assert "run directory" in text and "epsilon=" in text
     priv = json.loads((out / "privacy.json").read_text())
     again = _ok(["epsilon", "--ledger", str(out / "privacy.json")])

@@ -182,6 +182,7 @@ def test_ctrl_c_stops_every_process(shared_data, tmp_path):
     assert len(ledger) >= 1  # what was spent stays on record
 
 
+@pytest.mark.heavy  # (48 s on 2 cores, Ray's start-up; the CI-time budget: `python -m pytest -m heavy`)
 def test_flower_simulation_engine_equals_the_in_process_run(shared_data, tmp_path):
     """runtime = "flower-simulation" (Ray): one virtual SuperNode per client of a user directory."""
     import privlm

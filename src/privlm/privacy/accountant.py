@@ -185,6 +185,7 @@ def epsilon(
     return epsilon_for([round_event(sampling_rate, noise_multiplier)] * rounds, delta, kind, _interval)
 
 
+@functools.lru_cache(maxsize=128)  # a pure function of public numbers; a resume or a second build asks again
 def calibrate_noise_multiplier(
     target_epsilon: float,
     sampling_rate: float,
