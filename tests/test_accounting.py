@@ -88,7 +88,7 @@ def test_epsilon_never_decreases_with_rounds():
         assert all(a <= b for a, b in zip(eps, eps[1:])), (q, z)
 
 
-@pytest.mark.parametrize("budget", [0.5, 2.0, 7.9, 1e6])
+@pytest.mark.parametrize("budget", [pytest.param(0.5, marks=pytest.mark.heavy), 2.0, 7.9, 1e6])  # (0.5: 20 s, CI time)
 def test_budget_check_allows_exactly_what_a_round_by_round_check_allows(budget):
     from privlm.privacy.accountant import BudgetCheck
 

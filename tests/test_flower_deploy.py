@@ -144,6 +144,7 @@ def test_tls_and_node_auth_federation_refuses_unknown_nodes(shared_data, tmp_pat
     assert _flower_processes(run_dir) == []
 
 
+@pytest.mark.heavy  # (30 s on 2 cores; the CI-time budget: `python -m pytest -m heavy`)
 def test_a_failing_run_is_reported_and_stops_every_process(shared_data, tmp_path):
     cfg = load_config(None, [*TINY, "data.source=dir", f'data.path="{tmp_path / "missing"}"',
                              "flower.node_wait=60"])
