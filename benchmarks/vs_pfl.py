@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from banded_mf_vs_pfl import pfl_python  # pfl's own venv at benchmarks/out/pflenv (a sibling script)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 BLOCK, ROUNDS, CLIP, Z, LR, DELTA = 64, 5, 0.5, 0.5, 3e-3, 1e-5
@@ -189,19 +191,6 @@ if int(os.environ.get("RANK", "0")) == 0:
 """
 
 
-def pfl_python(given: str | None, out: Path) -> str:
-    if given:
-        return given
-    env = out / "pflenv"
-    py = env / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-        pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check"]
-        subprocess.run([*pip, "torch==2.13.0"], check=True)  # the local CPU wheel, before pfl pulls one
-        subprocess.run([*pip, "pfl==0.6.0"], check=True)
-    return str(py)
-
-
 def run_pfl(python: str, npz: Path, case: str, processes: int) -> dict:
     cohort, windows = CASES[case]
     args = json.dumps({"npz": str(npz), "transformer_py": str(ROOT / "src/privlm/models/transformer.py"),
@@ -256,7 +245,7 @@ def main() -> None:
         print(json.dumps(privlm_side(args.one_privlm, int(args.processes), args.npz)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    python = pfl_python(args.pfl_python, args.out)
+    python = pfl_python(args.pfl_python)  # (benchmarks/out/pflenv, shared with banded_mf_vs_pfl.py)
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="vs-pfl-", dir=args.out) as tmp:
         for case in args.cases.split(","):
