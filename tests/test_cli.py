@@ -153,3 +153,29 @@ def test_cli_has_one_privlm_error_handler():
     assert len(handlers) <= 1, [h.lineno for h in handlers]
     main_guards = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
     assert all(n is tree.body[-1] for n in main_guards), "if __name__ == '__main__' belongs at the end"
+
+
+def test_quick_commands_and_early_errors_never_import_torch(tmp_path):
+    """epsilon, a ledger's epsilon and a bad config or --out answer without loading torch (~2 s)."""
+    import subprocess
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine\n")
+    from privlm.privacy import Ledger, round_event
+
+    led = Ledger()
+    led.append(1, round_event(0.1, 1.0))
+    (tmp_path / "priv.json").write_text(json.dumps({"mode": "user", "delta": 1e-5, "ledger": led.to_list()}))
+    code = (
+        "import sys\nfrom privlm.cli import app\n"
+        "for argv in ([\"epsilon\", \"--sampling-rate\", \"0.01\", \"--noise-multiplier\", \"1\", \"--rounds\", \"3\", "
+        "\"--delta\", \"1e-5\"], [\"epsilon\", \"--ledger\", \"priv.json\"], "
+        "[\"run\", \"--set\", \"privacy.noise_multiplier=1e308\"], [\"run\", \"--out\", \"taken\"]):\n"
+        "    try:\n        app(argv)\n    except SystemExit as e:\n        print(argv[0], e.code)\n"
+        "print('torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = proc.stdout.splitlines()  # two epsilons, each followed by its exit code
+    assert float(lines[0]) > 0 and float(lines[2]) > float(lines[0]), (proc.stdout, proc.stderr[-2000:])
+    assert lines[1::2] == ["epsilon 0", "epsilon 0", "run 2"] and lines[-2:] == ["run 2", "False"], \
+        (proc.stdout, proc.stderr[-2000:])
+    assert "not empty" in proc.stderr and "privacy.noise_multiplier" in proc.stderr

@@ -114,10 +114,10 @@ def run(
 ) -> None:
     """Train a language model federatedly and write a run directory."""
     from privlm.config import load_config
-    from privlm.rundir import open_run_dir
-    from privlm.api import Simulation
 
     if resume is not None:
+        from privlm.rundir import open_run_dir
+
         if config is not None or set_ or out is not None:
             raise PrivlmError("--resume: give no CONFIG, --set or --out; a resumed run uses "
                               "its own config.toml and directory")
@@ -133,6 +133,11 @@ def run(
         console.print("runtime: Flower simulation engine (Ray), one virtual SuperNode per client")
         _print_result(run_flower_simulation(cfg, out, progress=not no_progress))
         return
+    if resume is None and (target := out or cfg.output.dir) is not None:
+        from privlm.rundir import RunDir
+
+        RunDir(Path(target)).check_new()  # a taken --out fails now, not after the corpus is built
+    from privlm.api import Simulation  # (torch: after the config and --out are checked)
     from privlm.audit import load_plan
 
     sim = Simulation(cfg, progress=not no_progress, audit_plan=load_plan(resume) if resume is not None else None)

@@ -28,13 +28,15 @@ import stat
 import tempfile
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save
 
 from privlm.errors import DataError
 from privlm.faults import enospc_point, fault_point
+
+if TYPE_CHECKING:  # torch is imported where tensors are written or read: reading a ledger needs none
+    import torch
 
 
 _UMASK = os.umask(0)
@@ -199,6 +201,8 @@ class RunDir:
         atomic_write(self.metrics_path, data.encode())
 
     def save_checkpoint(self, round_index: int, params: dict[str, torch.Tensor]) -> Path:
+        from safetensors.torch import save
+
         path = self.checkpoint_path(round_index)
         tensors = {k: v.detach().contiguous() for k, v in params.items()}
         # One metadata key: safetensors writes several in no fixed order (checkpoints are compared
@@ -213,6 +217,9 @@ class RunDir:
         """The resume state after ``round_index``: parameters, server-optimizer slots, and the
         mechanism's state (named JSON values, e.g. adaptive clipping's ``clip_norm``, and tensors,
         e.g. banded MF's last noise draws, stored as ``mech/<name>`` beside the parameters)."""
+        import torch
+        from safetensors.torch import save
+
         tensors = {f"params/{k}": v.detach().contiguous() for k, v in params.items()}
         for slot, values in opt_state.items():
             tensors.update({f"opt/{slot}/{k}": v.detach().contiguous() for k, v in values.items()})
@@ -239,6 +246,8 @@ class RunDir:
     def load_state(self) -> tuple[int, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], int,
                                   dict[str, object], str | None]:
         """Inverse of :meth:`save_state`; a missing or corrupt file is an error, never a fresh start."""
+        import torch
+
         path = self.state_path
         if not path.exists():
             raise DataError(f"{path}: no resume state (the run never completed a round "
@@ -310,6 +319,8 @@ class RunDir:
         rounds = self.checkpoints()
         if not rounds:
             raise DataError(f"{self.path / 'checkpoints'}: no checkpoint found")
+        from safetensors.torch import load_file
+
         r = rounds[-1]
         path = self.checkpoint_path(r)
         try:
@@ -329,6 +340,8 @@ MAX_JSON_BYTES = 512 * 2**20  # privacy.json of ~2M ledger entries
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (in name order)."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()

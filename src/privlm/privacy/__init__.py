@@ -10,20 +10,36 @@ Training code only *describes* what it did (a ``DpEvent`` per round); the
 accountant alone turns the ledger into epsilon.
 """
 
-from privlm.privacy.accountant import (
-    calibrate_noise_multiplier,
-    default_delta,
-    epsilon,
-    epsilon_for,
-    round_event,
-)
-from privlm.privacy.ledger import Ledger, LedgerEntry, event_from_dict, event_to_dict
-from privlm.privacy.mechanism import (
-    NoiseSource,
-    add_gaussian_noise,
-    clip_update,
-    global_l2_norm,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from privlm.privacy.accountant import (
+        calibrate_noise_multiplier,
+        default_delta,
+        epsilon,
+        epsilon_for,
+        round_event,
+    )
+    from privlm.privacy.ledger import Ledger, LedgerEntry, event_from_dict, event_to_dict
+    from privlm.privacy.mechanism import NoiseSource, add_gaussian_noise, clip_update, global_l2_norm
+
+# Lazy (PEP 562): ``privlm epsilon`` and config checks need the accountant, not torch.
+_WHERE = {
+    "calibrate_noise_multiplier": "accountant", "default_delta": "accountant", "epsilon": "accountant",
+    "epsilon_for": "accountant", "round_event": "accountant",
+    "Ledger": "ledger", "LedgerEntry": "ledger", "event_from_dict": "ledger", "event_to_dict": "ledger",
+    "NoiseSource": "mechanism", "add_gaussian_noise": "mechanism", "clip_update": "mechanism",
+    "global_l2_norm": "mechanism",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"privlm.privacy.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'privlm.privacy' has no attribute {name!r}")
+
 
 __all__ = [
     "Ledger",
