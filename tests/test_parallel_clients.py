@@ -260,7 +260,9 @@ def test_worker_processes_keep_the_clients_tokens_in_the_run_dir_only_while_they
             assert got == cid and res.num_tokens == ref.num_tokens
             assert all(torch.equal(res.update[k], ref.update[k]) for k in ref.update)
     finally:
+        procs = list(pool._procs)
         pool.close()
+    assert [p.exitcode for p in procs] == [0, 0]  # each stopped when told to (not killed after the join's timeout)
     assert _no_worker_processes_left()
     assert _tokens_in(tmp, sim.train_tokens) == [] and list(run.iterdir()) == []
 

@@ -29,6 +29,7 @@ import math
 import multiprocessing as mp
 import os
 import secrets
+import sys
 import traceback
 from collections import deque
 from collections.abc import Iterator
@@ -123,8 +124,11 @@ def _worker_main(conn: Connection, cfg, threads: int, tokens_path: str) -> None:
         except (EOFError, OSError):  # the simulation is gone
             return
         op = header["op"]
-        if op == "stop":
-            return
+        if op == "stop":  # nothing to flush or write: skip the interpreter's teardown (~1 s with torch)
+            conn.close()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         try:
             if op == "params":
                 layout = header["layout"]
