@@ -133,6 +133,35 @@ def test_calibration_is_smallest_z_meeting_target(kind):
     assert round(z / 1e-3, 9).is_integer()
 
 
+@pytest.mark.parametrize("coarse, fine", [
+    (0.8000, 0.7963),   # the coarse answer a little above: galloping down, then bisection
+    (0.8000, 0.8000),   # on a grid point
+    (0.7000, 0.7412),   # the coarse answer below the fine one: the climb, then bisection
+    (0.0500, 0.0500),   # the floor meets the target on both grids
+    (0.0500, 0.0731),   # the floor meets it on the coarse grid only
+    (2.5000, 0.0520),   # far above: galloping all the way to the floor's neighbourhood
+])
+def test_the_fine_search_returns_the_smallest_checked_multiple_of_tol(monkeypatch, coarse, fine):
+    """Every path of the search, on a step-shaped epsilon: the answer is the smallest multiple of
+    tol at or above the fine grid's threshold, and was itself evaluated on the fine grid."""
+    import math as _math
+
+    from privlm.privacy import accountant as acc
+
+    fine_calls: list[float] = []
+
+    def fake_epsilon(q, z, T, d, kind="pld", interval=acc.PLD_DISCRETIZATION):
+        if interval == acc.PLD_DISCRETIZATION:
+            fine_calls.append(z)
+        return 1.0 if z >= (fine if interval == acc.PLD_DISCRETIZATION else coarse) else 10.0
+
+    monkeypatch.setattr(acc, "epsilon", fake_epsilon)
+    monkeypatch.setattr(acc.dp_accounting, "calibrate_dp_mechanism", lambda *a, **k: coarse)
+    z = acc.calibrate_noise_multiplier.__wrapped__(5.0, 0.1, 10, 1e-5, "pld")
+    assert z == round(_math.ceil(round(fine / 1e-4, 6)) * 1e-4, 12) and z in fine_calls
+    assert len(fine_calls) <= 40
+
+
 def test_ledger_json_roundtrip_and_allow_list():
     led = Ledger()
     led.append(1, round_event(0.1, 1.0))

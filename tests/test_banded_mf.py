@@ -323,6 +323,26 @@ def test_target_epsilon_and_the_budget_stop(tmp_path):
     assert 0 < res.rounds_completed < 6
 
 
+def test_a_calibrated_z_without_sampling_meets_the_target_with_the_ledgers_own_events(monkeypatch):
+    """Calibration sees one Gaussian of the run's sensitivity; the ledger holds T Gaussian rounds
+    (composed by another computation). The z kept is checked against those, and stepped up when
+    they miss the target: here calibration is made to answer 0.0005 too low."""
+    import privlm.build as build
+
+    real = build.calibrate_noise_multiplier
+    monkeypatch.setattr(build, "calibrate_noise_multiplier", lambda *a: real(*a) - 0.0005)
+    cfg = load_config(None, _banded("privacy.target_epsilon=4", sampling="none"))
+    n = 24  # (CLINIC's clients)
+    resolved, privacy = build.resolve_privacy(cfg, n)
+    mech = build.make_mechanism(resolved, n)
+    events = [mech.event(r) for r in range(1, resolved.federation.rounds + 1)]
+    assert epsilon_for(events, privacy.delta, "pld") <= 4
+    unit = mech.sensitivity
+    resolved.privacy.noise_multiplier = privacy.noise_multiplier - 1e-4 * unit  # one step lower misses it
+    lower = build.make_mechanism(resolved, n)
+    assert epsilon_for([lower.event(r) for r in range(1, resolved.federation.rounds + 1)], privacy.delta, "pld") > 4
+
+
 # -- resume ----------------------------------------------------------------------------------
 def _crash(cfg_path: Path, out: Path, point: str) -> None:
     env = {**os.environ, "PRIVLM_CRASH_AT": point, "PYTHONPATH": str(ROOT / "src")}

@@ -92,6 +92,8 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> tuple[RunConfig, Resolv
             z = scale * calibrate_noise_multiplier(p.target_epsilon, q, compositions, delta, p.accountant)
         except ValueError as e:
             raise ConfigError(f"privacy.target_epsilon: {p.target_epsilon:g} cannot be met: {e}") from None
+        if banded is not None and banded.sampling == "none":
+            z = _meet_with_ledger_events(new, num_clients, z, scale, p.target_epsilon, delta, p.accountant)
     if (problem := accounting_problem(q, z / scale, compositions)) is not None:
         key = "privacy.noise_multiplier" if problem[0] == "noise_multiplier" else "federation.rounds"
         raise ConfigError(f"{key}: {problem[1]}")
@@ -117,6 +119,21 @@ def resolve_privacy(cfg: RunConfig, num_clients: int) -> tuple[RunConfig, Resolv
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return new, _frozen(new)
+
+
+def _meet_with_ledger_events(cfg: RunConfig, num_clients: int, z: float, scale: float, target: float,
+                             delta: float, kind) -> float:
+    """Banded MF without sampling: z calibrated as one Gaussian of sensitivity ``scale``, checked
+    against the T events its ledger will hold (they compose to that Gaussian, but by another
+    computation, which can differ in the last digits); stepped up by 1e-4 (in units of ``scale``)
+    until those meet the target."""
+    for _ in range(10_000):
+        cfg.privacy.noise_multiplier = z
+        mech = make_mechanism(cfg, num_clients)
+        if epsilon_for([mech.event(r) for r in range(1, cfg.federation.rounds + 1)], delta, kind) <= target:
+            return z
+        z = scale * round(z / scale + 1e-4, 12)
+    raise ConfigError(f"privacy.target_epsilon: {target:g}: no noise multiplier near the calibrated one meets it")
 
 
 def _banded_settings(cfg: RunConfig, num_clients: int) -> BandedMF | None:

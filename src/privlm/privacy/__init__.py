@@ -41,6 +41,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'privlm.privacy' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
+
+
 __all__ = [
     "Ledger",
     "LedgerEntry",

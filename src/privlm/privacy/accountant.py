@@ -198,11 +198,13 @@ def calibrate_noise_multiplier(
 
     Uses ``dp_accounting.calibrate_dp_mechanism`` (Brent's method over z) on the coarse
     PLD grid (cheap), then searches the multiples of ``tol`` near that answer with the
-    very computation a run's ledger gets: the returned z is the smallest multiple of
-    ``tol`` that meets the target there (epsilon decreases with z), so it always does.
+    very computation a run's ledger gets: the returned z is a multiple of ``tol`` just
+    checked to meet the target there, and the smallest one if epsilon decreases in z.
     """
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError("target_epsilon must be a finite number > 0")
+    if not (math.isfinite(tol) and 1e-9 <= tol <= MIN_NOISE_MULTIPLIER):
+        raise ValueError(f"tol must be in [1e-9, {MIN_NOISE_MULTIPLIER}]")
     fine = PLD_DISCRETIZATION
     coarse = COARSE_PLD_DISCRETIZATION if kind == "pld" else fine
 
@@ -246,18 +248,18 @@ def calibrate_noise_multiplier(
             checked[k] = eps(at(k))
         return checked[k] <= target_epsilon
 
-    floor = math.ceil(MIN_NOISE_MULTIPLIER / tol - 1e-9)
-    hi = max(math.ceil(z / tol - 1e-9), floor)
+    kmin = math.ceil(MIN_NOISE_MULTIPLIER / tol - 1e-9)
+    hi, failed = max(math.ceil(z / tol - 1e-9), kmin), kmin - 1  # failed: the largest k known to miss
     while not meets(hi):  # (the coarse grid is not guaranteed to lie above)
-        hi = max(hi + 1, math.ceil(hi * 1.05))
+        failed, hi = hi, max(hi + 1, math.ceil(hi * 1.05))
         if at(hi) > MAX_NOISE_MULTIPLIER:
             raise ValueError(f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} meets the target epsilon")
-    lo, step = hi - 1, 1
-    while lo > floor and meets(lo):
+    lo, step = max(hi - 1, failed), 1
+    while lo > kmin and meets(lo):
         hi, step = lo, step * 2
-        lo = max(hi - step, floor)
-    if lo <= floor and meets(floor):
-        return at(floor)  # even the floor meets the target
+        lo = max(hi - step, kmin, failed)
+    if lo <= kmin and meets(kmin):
+        return at(kmin)  # even the floor meets the target
     while hi - lo > 1:  # meets(hi) and not meets(lo)
         mid = (lo + hi) // 2
         if meets(mid):
