@@ -18,8 +18,10 @@ A round's global parameters go to every worker once; then a task (a few bytes:
 round, client) goes out and the client's update comes back. Task ``k`` goes to
 worker ``k mod W``, each worker holds at most two, and the updates are read back
 in task order, so the server sees exactly the sequential stream and at most 2W
-updates are in flight. A worker that dies is an error for the round (its entry is already
-paid), and every worker exits when the simulation closes or its pipe does.
+updates are in flight. A worker sends its replies from a thread of its own, so it trains
+its next client while the simulation is still busy with other workers' updates. A worker
+that dies is an error for the round (its entry is already paid), and every worker exits
+when the simulation closes or its pipe does.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import secrets
 import sys
+import threading
 import traceback
 from collections import deque
 from collections.abc import Iterator
@@ -100,6 +104,39 @@ def _write_private(path: Path, array) -> None:  # array: np.ndarray
         np.save(f, array, allow_pickle=False)
 
 
+class _Replies:
+    """A worker's replies, sent in order by one thread of its own.
+
+    A pipe holds 64 KB and an update is usually much more, so a send waits until the
+    simulation reads it, which it does in task order; meanwhile the worker already trains
+    its next client (it holds at most two tasks, so at most one update waits here).
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._send_all, name="privlm-worker-replies", daemon=True)
+        self._thread.start()
+
+    def _send_all(self) -> None:
+        while (item := self._queue.get()) is not None:
+            header, payload = item
+            try:
+                self._conn.send_bytes(header)
+                if payload is not None:
+                    self._conn.send_bytes(payload)
+            except (EOFError, OSError):  # the simulation is gone
+                os._exit(0)
+
+    def put(self, header: dict, payload=None) -> None:
+        self._queue.put((json.dumps(header).encode(), payload))
+
+    def flush(self) -> None:
+        """Wait until every reply so far is sent (then no more may be put)."""
+        self._queue.put(None)
+        self._thread.join()
+
+
 def _worker_main(conn: Connection, cfg, threads: int, tokens_path: str) -> None:  # cfg: RunConfig
     """A worker process: build the model, then train the clients it is sent until told to stop."""
     import numpy as np
@@ -116,6 +153,7 @@ def _worker_main(conn: Connection, cfg, threads: int, tokens_path: str) -> None:
         conn.send_bytes(json.dumps({"error": traceback.format_exc(limit=5)}).encode())
         return
     conn.send_bytes(json.dumps({"ready": True}).encode())
+    replies = _Replies(conn)
     params: Params = {}
     layout: list = []
     while True:
@@ -124,7 +162,8 @@ def _worker_main(conn: Connection, cfg, threads: int, tokens_path: str) -> None:
         except (EOFError, OSError):  # the simulation is gone
             return
         op = header["op"]
-        if op == "stop":  # nothing to flush or write: skip the interpreter's teardown (~1 s with torch)
+        if op == "stop":  # nothing else to write: skip the interpreter's teardown (~1 s with torch)
+            replies.flush()
             conn.close()
             sys.stdout.flush()
             sys.stderr.flush()
@@ -141,15 +180,10 @@ def _worker_main(conn: Connection, cfg, threads: int, tokens_path: str) -> None:
             update = {name: res.update[name] for name, _, _ in layout}  # in the parameters' order
             if _layout(update) != layout or len(update) != len(res.update):
                 raise ValueError("the update's tensors differ from the global parameters' layout")
-            payload = _to_bytes(list(update.values()))
-            conn.send_bytes(json.dumps({"num_tokens": res.num_tokens, "loss_sum": res.loss_sum,
-                                        "steps": res.steps}).encode())
-            conn.send_bytes(payload)
+            replies.put({"num_tokens": res.num_tokens, "loss_sum": res.loss_sum, "steps": res.steps},
+                        _to_bytes(list(update.values())))  # (a new buffer, not touched again here)
         except Exception:  # noqa: BLE001 - reported to the simulation, which stops the run
-            try:
-                conn.send_bytes(json.dumps({"error": traceback.format_exc(limit=5)}).encode())
-            except (EOFError, OSError):
-                return
+            replies.put({"error": traceback.format_exc(limit=5)})
 
 
 class WorkerError(FederationError):
